@@ -1,0 +1,271 @@
+"""The 2D UNet of the paper (SPEC §5): Encoder, Decoder, segmentation head.
+
+Every stage model (global / local / BYOL pre-training, fine-tuning) builds its network from the
+same `Encoder` and `Decoder`, always bound to the submodule names `encoder` and `decoder`, so a
+stage's parameters transfer to the next one by path (`encoder/...`, `decoder/block1/...`).
+Decoder block k is always named `block{k}` whatever `num_blocks` is, so the first l blocks
+trained by the local model map onto the UNet's.
+
+Layouts are NHWC. `dtype` is the computation dtype of convolutions and dense layers (float32 or
+bfloat16); parameters and BatchNorm statistics stay float32 and BatchNorm normalises in float32.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+DEFAULT_FILTERS = (16, 32, 64, 128, 128, 128)
+NUM_LEVELS = 6
+NUM_POOLS = NUM_LEVELS - 1
+INPUT_MULTIPLE = 2**NUM_POOLS  # H and W must be multiples of 32 to survive 5 poolings.
+
+# TensorFlow's BatchNorm defaults as used by the original code; flax's momentum has the same
+# meaning (running = momentum * running + (1 - momentum) * batch).
+BATCH_NORM_MOMENTUM = 0.99
+BATCH_NORM_EPSILON = 1e-3
+
+he_normal = nn.initializers.he_normal()
+
+Dtype = Any
+
+
+def batch_norm(
+    train: bool, dtype: Dtype, axis_name: str | None, name: str | None = None
+) -> nn.BatchNorm:
+    """The BatchNorm layer used everywhere in jaxcl.
+
+    Batch statistics in train mode, running averages otherwise. Reductions, scale/bias and the
+    running statistics (initialised at mean 0, variance 1) are float32; the output is cast to
+    `dtype`. `axis_name` makes the statistics cross-replica (e.g. "batch" under pmap).
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BATCH_NORM_MOMENTUM,
+        epsilon=BATCH_NORM_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        axis_name=axis_name,
+        name=name,
+    )
+
+
+def check_filters(filters: Sequence[int]) -> None:
+    """Raises ValueError unless `filters` holds one positive channel count per encoder level."""
+    if len(filters) != NUM_LEVELS or any(int(f) <= 0 for f in filters):
+        raise ValueError(
+            f"model.filters must be {NUM_LEVELS} positive channel counts (one per encoder level), "
+            f"e.g. {DEFAULT_FILTERS}; got {tuple(filters)}."
+        )
+
+
+def check_input_size(height: int, width: int) -> None:
+    """Raises ValueError unless the image size survives the encoder's 5 max-poolings."""
+    if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
+        raise ValueError(
+            f"UNet input height and width must be divisible by {INPUT_MULTIPLE} (the encoder "
+            f"halves them {NUM_POOLS} times); got {height}x{width}. Set data.image_size to a "
+            f"multiple of {INPUT_MULTIPLE} (e.g. 192 or 160)."
+        )
+
+
+def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
+    """Nearest-neighbour 2x upsampling, (B, H, W, C) -> (B, 2H, 2W, C).
+
+    Written as broadcast + reshape, which XLA fuses into one copy (no gather).
+    """
+    batch, height, width, channels = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
+    return x.reshape(batch, 2 * height, 2 * width, channels)
+
+
+class ConvBNReLU(nn.Module):
+    """Convolution (SAME, no bias, He-normal) -> BatchNorm -> ReLU.
+
+    Attributes:
+      features: output channels.
+      kernel_size: (3, 3) for the network's convolutions, (2, 2) after upsampling, (1, 1) in g2.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """x: (B, H, W, C_in) -> (B, H, W, features)."""
+        x = nn.Conv(
+            self.features,
+            self.kernel_size,
+            padding="SAME",
+            use_bias=False,
+            kernel_init=he_normal,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="conv",
+        )(x)
+        x = batch_norm(train, self.dtype, self.axis_name, name="bn")(x)
+        return nn.relu(x)
+
+
+class Encoder(nn.Module):
+    """Contracting path: levels 1-5 are 2 convs then 2x2 max-pool; level 6 is 2 convs.
+
+    Submodules are `level{k}_conv{j}` (k = 1..6, j = 1..2).
+    """
+
+    filters: Sequence[int] = DEFAULT_FILTERS
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
+        """Encodes images.
+
+        Args:
+          x: (B, H, W, C) images, H and W divisible by 32.
+          train: BatchNorm uses (and updates) batch statistics when True.
+
+        Returns:
+          bottleneck: (B, H/32, W/32, f_6).
+          skips: 5 maps before each pooling, highest resolution first:
+            (B, H/2^(k-1), W/2^(k-1), f_k) for k = 1..5.
+        """
+        check_filters(self.filters)
+        check_input_size(x.shape[1], x.shape[2])
+        skips = []
+        for level, features in enumerate(self.filters, start=1):
+            for conv in (1, 2):
+                x = ConvBNReLU(
+                    features,
+                    dtype=self.dtype,
+                    axis_name=self.axis_name,
+                    name=f"level{level}_conv{conv}",
+                )(x, train)
+            if level < NUM_LEVELS:
+                skips.append(x)
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        return x, tuple(skips)
+
+
+class DecoderBlock(nn.Module):
+    """Nearest 2x upsample -> 2x2 ConvBNReLU -> concat skip -> `num_convs` 3x3 ConvBNReLUs.
+
+    All convolutions have the skip's channel count. Submodules: `upconv`, `conv1`[, `conv2`].
+    """
+
+    num_convs: int
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, skip: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """x: (B, h, w, C), skip: (B, 2h, 2w, C_skip) -> (B, 2h, 2w, C_skip)."""
+        features = skip.shape[-1]
+        conv = {"dtype": self.dtype, "axis_name": self.axis_name}
+        x = ConvBNReLU(features, (2, 2), name="upconv", **conv)(upsample_nearest_2x(x), train)
+        x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
+        for index in range(1, self.num_convs + 1):
+            x = ConvBNReLU(features, name=f"conv{index}", **conv)(x, train)
+        return x
+
+
+class Decoder(nn.Module):
+    """Expanding path: blocks 1..num_blocks (block 5 has one 3x3 conv, the others two).
+
+    Block k consumes the encoder skip of level 6 - k, so its output has f_{6-k} channels:
+    12²x128, 24²x128, 48²x64, 96²x32, 192²x16 for a 192² input and the default filters.
+
+    Attributes:
+      num_blocks: how many blocks to run (1..5); the local pre-training model runs the first l.
+    """
+
+    num_blocks: int = NUM_POOLS
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(
+        self, bottleneck: jnp.ndarray, skips: Sequence[jnp.ndarray], train: bool
+    ) -> jnp.ndarray:
+        """Decodes the encoder output.
+
+        Args:
+          bottleneck: (B, H/32, W/32, f_6) from the Encoder.
+          skips: the Encoder's 5 skips, highest resolution first.
+          train: BatchNorm mode.
+
+        Returns:
+          (B, H/2^(5-n), W/2^(5-n), f_{6-n}) feature map after block n = num_blocks.
+        """
+        if not 1 <= self.num_blocks <= NUM_POOLS:
+            raise ValueError(
+                f"Decoder num_blocks (model.local_decoder_blocks) must be in 1..{NUM_POOLS}; "
+                f"got {self.num_blocks}."
+            )
+        if len(skips) != NUM_POOLS:
+            raise ValueError(f"Decoder expects {NUM_POOLS} encoder skips; got {len(skips)}.")
+        x = bottleneck
+        for block in range(1, self.num_blocks + 1):
+            x = DecoderBlock(
+                num_convs=1 if block == NUM_POOLS else 2,
+                dtype=self.dtype,
+                axis_name=self.axis_name,
+                name=f"block{block}",
+            )(x, skips[-block], train)
+        return x
+
+
+class SegmentationHead(nn.Module):
+    """2 ConvBNReLUs (`conv1`, `conv2`) -> 3x3 conv to logits with bias (`logits`)."""
+
+    num_classes: int
+    features: int = DEFAULT_FILTERS[0]
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """x: (B, H, W, C) -> (B, H, W, num_classes) float32 logits."""
+        for index in (1, 2):
+            x = ConvBNReLU(
+                self.features, dtype=self.dtype, axis_name=self.axis_name, name=f"conv{index}"
+            )(x, train)
+        # Linear output layer: LeCun-normal (flax's default) keeps the logits' scale at init.
+        x = nn.Conv(
+            self.num_classes,
+            (3, 3),
+            padding="SAME",
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="logits",
+        )(x)
+        return x.astype(jnp.float32)
+
+
+class UNet(nn.Module):
+    """The fine-tuning model: `encoder`, `decoder` (all 5 blocks), `segmentation_head`.
+
+    Attributes:
+      num_classes: segmentation classes including background.
+      filters: channels per encoder level f_1..f_6; the head uses f_1 (16 by default).
+      dtype: computation dtype; logits are returned in float32.
+      axis_name: mapped axis for cross-replica BatchNorm, or None for per-device statistics.
+    """
+
+    num_classes: int
+    filters: Sequence[int] = DEFAULT_FILTERS
+    dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """x: (B, H, W, 1) images -> (B, H, W, num_classes) float32 logits."""
+        common = {"dtype": self.dtype, "axis_name": self.axis_name}
+        bottleneck, skips = Encoder(self.filters, name="encoder", **common)(x, train)
+        features = Decoder(NUM_POOLS, name="decoder", **common)(bottleneck, skips, train)
+        return SegmentationHead(
+            self.num_classes, self.filters[0], name="segmentation_head", **common
+        )(features, train)
