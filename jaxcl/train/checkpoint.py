@@ -1,0 +1,73 @@
+"""Atomic, resumable checkpoints of one stage with orbax.
+
+Each stage owns `WORKDIR/<stage>/checkpoints/`. orbax writes a step into a temporary folder and
+renames it when complete, so a run killed mid-save leaves the previous checkpoint intact and the
+half-written one is ignored on restart. A checkpoint holds the train state and a small JSON
+dictionary (`meta`) for host-side values that must survive a restart (best validation score,
+wall time, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class StageCheckpointer:
+    """Saves and restores `(state, meta)` pairs of one stage.
+
+    Args:
+      directory: folder of this stage's checkpoints (created if missing).
+      max_to_keep: number of most recent checkpoints kept on disk.
+    """
+
+    def __init__(self, directory: str, *, max_to_keep: int = 2):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep,
+                enable_async_checkpointing=False,
+                cleanup_tmp_directories=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: PyTree, meta: dict[str, Any] | None = None) -> None:
+        """Writes `state` (host-local, un-replicated arrays) and `meta` (JSON-serialisable)."""
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, template: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
+        """Restores the checkpoint at `step` (default: latest) into the structure of `template`.
+
+        Raises:
+          FileNotFoundError: when the folder holds no complete checkpoint.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored.state, dict(restored.meta or {})
+
+    def close(self) -> None:
+        self._manager.close()
