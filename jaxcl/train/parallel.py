@@ -78,6 +78,9 @@ class DataParallel:
                 devices=self._pmap_devices,
                 donate_argnums=donate,
             )
+        # check_vma=False keeps pmap's semantics inside the body: a gradient taken there w.r.t.
+        # the replicated state is per device (no implicit psum), so the step's explicit pmean
+        # is the one and only reduction in both modes.
         mapped = jax.shard_map(
             step_fn,
             mesh=self.mesh,
