@@ -1,0 +1,157 @@
+"""Tests for jaxcl.data.tfds: stored volumes match direct preprocessing, prepare once and reuse,
+a failed build is never reused, split ids are checked, and the synthetic set is generated."""
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from jaxcl.data import preprocess, sources
+from jaxcl.data import tfds as volumes_tfds
+
+IMAGE_SIZE = 32
+
+
+def _write_acdc_subject(root, number, rng, labelled=True):
+    """An ACDC-layout patient folder with a small random (X, Y, Z) image and label."""
+    folder = os.path.join(root, f"patient{number:03d}")
+    os.makedirs(folder)
+    shape = (int(rng.integers(30, 44)), int(rng.integers(30, 44)), int(rng.integers(4, 8)))
+    affine = np.diag([1.5, 1.4, 8.0, 1.0])
+    image = rng.normal(100.0, 20.0, size=shape).astype(np.float32)
+    nib.save(
+        nib.Nifti1Image(image, affine), os.path.join(folder, f"patient{number:03d}_frame01.nii.gz")
+    )
+    if labelled:
+        label = rng.integers(0, 4, size=shape).astype(np.uint8)
+        nib.save(
+            nib.Nifti1Image(label, affine),
+            os.path.join(folder, f"patient{number:03d}_frame01_gt.nii.gz"),
+        )
+    with open(os.path.join(folder, "Info.cfg"), "w") as f:
+        f.write("ED: 1\nES: 1\nGroup: NOR\n")
+
+
+@pytest.fixture()
+def acdc_root(tmp_path):
+    root = str(tmp_path / "acdc")
+    rng = np.random.default_rng(0)
+    for number in (1, 2):
+        _write_acdc_subject(root, number, rng)
+    _write_acdc_subject(root, 3, rng, labelled=False)
+    return root
+
+
+def _load(root, data_dir, **kwargs):
+    return volumes_tfds.load_volumes(
+        "acdc",
+        root=root,
+        data_dir=data_dir,
+        target_resolution=1.36719,
+        image_size=IMAGE_SIZE,
+        **kwargs,
+    )
+
+
+def test_stored_volumes_match_preprocessing_and_are_reused(acdc_root, tmp_path, monkeypatch):
+    data_dir = str(tmp_path / "prepared")
+    volumes = _load(acdc_root, data_dir)
+    assert [v.subject_id for v in volumes] == ["001", "002", "003"]
+
+    layout = sources.get_layout("acdc", acdc_root)
+    for volume, subject in zip(volumes, layout.find_subjects(acdc_root), strict=True):
+        expected = preprocess.load_volume(
+            subject, layout, target_resolution=1.36719, image_size=IMAGE_SIZE
+        )
+        assert volume.image.dtype == np.float32 and volume.image.shape[1:] == (
+            IMAGE_SIZE,
+            IMAGE_SIZE,
+        )
+        np.testing.assert_array_equal(volume.image, expected.image)
+        if expected.label is None:
+            assert volume.label is None
+        else:
+            np.testing.assert_array_equal(volume.label, expected.label)
+        for key, value in expected.geometry.to_dict().items():
+            np.testing.assert_array_equal(volume.geometry.to_dict()[key], value, err_msg=key)
+
+    # Reuse: the second call must not read or preprocess anything.
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the prepared dataset was rebuilt")
+
+    monkeypatch.setattr(preprocess, "load_volume", no_rebuild)
+    again = _load(None, data_dir, subject_ids=["002"])
+    assert [v.subject_id for v in again] == ["002"]
+    np.testing.assert_array_equal(again[0].image, volumes[1].image)
+
+
+def test_failed_build_is_not_reused(acdc_root, tmp_path, monkeypatch):
+    data_dir = str(tmp_path / "prepared")
+    loaded = []
+    real_load_volume = preprocess.load_volume
+
+    def counting_load_volume(subject, *args, **kwargs):
+        loaded.append(subject.subject_id)
+        return real_load_volume(subject, *args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "load_volume", counting_load_volume)
+    image_path = os.path.join(acdc_root, "patient002", "patient002_frame01.nii.gz")
+    with open(image_path, "rb") as f:
+        good = f.read()
+    with open(image_path, "wb") as f:
+        f.write(good[: len(good) // 2])  # truncated download
+    with pytest.raises(sources.DataError, match="patient002_frame01"):
+        _load(acdc_root, data_dir)
+    assert loaded == ["001", "002"]  # failed midway: 001 was already written
+    written = [name for _, _, names in os.walk(data_dir) for name in names]
+    assert "dataset_info.json" not in written and not any(n.endswith(".tfrecord") for n in written)
+
+    with open(image_path, "wb") as f:
+        f.write(good)
+    assert [v.subject_id for v in _load(acdc_root, data_dir)] == ["001", "002", "003"]
+
+
+def test_split_ids_and_labels_are_checked(acdc_root, tmp_path):
+    data_dir = str(tmp_path / "prepared")
+    with pytest.raises(sources.DataError, match=r"\['005'\]"):
+        _load(acdc_root, data_dir, subject_ids=["001", "005"])
+    with pytest.raises(sources.DataError, match=r"\['003'\] have no label"):
+        _load(acdc_root, data_dir, subject_ids=["001", "003"], require_labels=True)
+
+
+def test_missing_root_names_the_download(tmp_path):
+    with pytest.raises(sources.DataError, match="not prepared.*creatis"):
+        _load(None, str(tmp_path / "prepared"))
+    with pytest.raises(sources.DataError, match="does not exist"):
+        _load(str(tmp_path / "nowhere"), str(tmp_path / "prepared"))
+
+
+def test_config_names_separate_variants():
+    names = {
+        volumes_tfds.volumes_config("acdc", target_resolution=1.36719, image_size=192).name,
+        volumes_tfds.volumes_config("acdc", target_resolution=1.36719, image_size=160).name,
+        volumes_tfds.volumes_config("acdc", target_resolution=1.5, image_size=192).name,
+        volumes_tfds.volumes_config(
+            "acdc", target_resolution=1.36719, image_size=192, frame="ES"
+        ).name,
+        volumes_tfds.volumes_config(
+            "acdc", target_resolution=1.36719, image_size=192, n4=True
+        ).name,
+        volumes_tfds.volumes_config(
+            "synthetic", target_resolution=1.36719, image_size=192, seed=1
+        ).name,
+    }
+    assert len(names) == 6
+    with pytest.raises(sources.DataError, match="frame"):
+        volumes_tfds.volumes_config("prostate", target_resolution=0.625, image_size=192, frame="ES")
+
+
+def test_synthetic_is_generated(tmp_path):
+    volumes = volumes_tfds.load_volumes(
+        "synthetic", root=None, data_dir=str(tmp_path), image_size=64, num_subjects=1
+    )
+    assert [v.subject_id for v in volumes] == ["000"]
+    (volume,) = volumes
+    assert 8 <= volume.image.shape[0] <= 14 and volume.image.shape[1:] == (64, 64)
+    assert set(np.unique(volume.label)) <= {0, 1, 2, 3} and volume.label.max() > 0
