@@ -11,7 +11,8 @@ complete one; the next call starts again from scratch.
 
 Sources: acdc / prostate / mmwhs / folder read a manually downloaded root (TFDS ``manual_dir``;
 ``MANUAL_DOWNLOAD_INSTRUCTIONS`` says where to get each); "synthetic" generates its NIfTI files
-into a temporary folder while the examples are written (SPEC §10).
+once into ``DATA_DIR/jaxcl_synthetic/<size>-<seed>/`` (SPEC §10) and is read from there like a
+download, so evaluation can compare against the native NIfTI files.
 
 Example features: ``subject_id``; ``image`` (Z, S, S) float32; ``label`` (Z, S, S) uint8 class
 indices, empty (0, S, S) when the subject has no label; ``image_path`` / ``label_path`` relative
@@ -25,7 +26,6 @@ import dataclasses
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -159,17 +159,7 @@ class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        if self.builder_config.dataset == "synthetic":
-            return {_SPLIT: self._generate_synthetic()}
-        root = os.fspath(dl_manager.manual_dir)
-        return {_SPLIT: self._generate_examples(root)}
-
-    def _generate_synthetic(self) -> Iterator[tuple[str, dict]]:
-        config = self.builder_config
-        # The generator keeps the folder alive until the last example is written.
-        with tempfile.TemporaryDirectory(prefix="jaxcl_synthetic_") as root:
-            synthetic.generate(root, num_subjects=config.num_subjects, seed=config.seed)
-            yield from self._generate_examples(root)
+        return {_SPLIT: self._generate_examples(os.fspath(dl_manager.manual_dir))}
 
     def _generate_examples(self, root: str) -> Iterator[tuple[str, dict]]:
         config = self.builder_config
@@ -196,6 +186,24 @@ class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     "geometry": volume.geometry.to_dict(),
                 },
             )
+
+
+def synthetic_root(data_dir: str, num_subjects: int = 60, seed: int = 0) -> str:
+    """Where `load_volumes` keeps the generated synthetic NIfTI files under ``data_dir``."""
+    return os.path.join(data_dir, "jaxcl_synthetic", f"{num_subjects}subjects-seed{seed}")
+
+
+def ensure_synthetic(root: str, *, num_subjects: int, seed: int) -> str:
+    """Generates the synthetic dataset into ``root`` unless all its subjects are already there.
+
+    Generation is deterministic and writes each subject atomically, so a partial folder (an
+    interrupted run) is simply completed. Returns ``root``.
+    """
+    expected = [f"patient{index:03d}" for index in range(num_subjects)]
+    present = set(os.listdir(root)) if os.path.isdir(root) else set()
+    if not present.issuperset(expected):
+        synthetic.generate(root, num_subjects=num_subjects, seed=seed)
+    return root
 
 
 def _layout_options(frame: str | None) -> dict[str, str]:
@@ -233,7 +241,8 @@ def load_volumes(
     Args:
       dataset: "acdc", "prostate", "mmwhs", "folder" or "synthetic".
       root: the manually downloaded dataset folder; needed only to prepare (and always for
-        "folder"); ignored for "synthetic", which is generated.
+        "folder"). For "synthetic": where the generated files are kept (default
+        ``synthetic_root(data_dir, ...)``), generated there on first use.
       data_dir: where prepared datasets are stored and reused.
       target_resolution: in-plane mm; None uses the layout's default (SPEC §7).
       image_size: in-plane size after crop/pad; None uses the layout's default.
@@ -246,6 +255,12 @@ def load_volumes(
     Returns:
       Volumes sorted by subject id (image (Z, S, S) float32, label uint8 or None, geometry).
     """
+    if dataset == "synthetic":
+        root = ensure_synthetic(
+            root or synthetic_root(data_dir, num_subjects, seed),
+            num_subjects=num_subjects,
+            seed=seed,
+        )
     layout = sources.get_layout(dataset, root, **_layout_options(frame))
     target_resolution = target_resolution or layout.target_resolution
     image_size = image_size or layout.image_size

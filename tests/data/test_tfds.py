@@ -155,3 +155,10 @@ def test_synthetic_is_generated(tmp_path):
     (volume,) = volumes
     assert 8 <= volume.image.shape[0] <= 14 and volume.image.shape[1:] == (64, 64)
     assert set(np.unique(volume.label)) <= {0, 1, 2, 3} and volume.label.max() > 0
+    # The NIfTI files stay on disk for evaluation on the native grid, and are not regenerated.
+    root = volumes_tfds.synthetic_root(str(tmp_path), num_subjects=1, seed=0)
+    image_file = os.path.join(root, "patient000", "patient000_frame01.nii.gz")
+    assert os.path.exists(image_file)
+    written = os.path.getmtime(image_file)
+    volumes_tfds.ensure_synthetic(root, num_subjects=1, seed=0)
+    assert os.path.getmtime(image_file) == written
