@@ -1,5 +1,7 @@
 """Installs jaxcl: contrastive pre-training for label-efficient medical image segmentation."""
 
+import pathlib
+
 import setuptools
 
 setuptools.setup(
@@ -9,7 +11,7 @@ setuptools.setup(
         "JAX/Flax global and local contrastive pre-training (and BYOL) of a 2D UNet "
         "for medical image segmentation with few labels."
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=pathlib.Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["jaxcl", "jaxcl.*"]),
@@ -26,6 +28,7 @@ setuptools.setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "scipy>=1.11",
+        "tensorboard>=2.16",
         "tensorflow-cpu>=2.16",
         "tensorflow-datasets>=4.9.6",
         "tqdm>=4.66",

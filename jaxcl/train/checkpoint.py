@@ -71,3 +71,25 @@ class StageCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def export_variables(directory: str, variables: PyTree) -> None:
+    """Writes a stage's final `{"params": ..., "batch_stats": ...}` for later stages (atomic)."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.abspath(directory), jax.device_get(variables), force=True)
+    checkpointer.wait_until_finished()
+
+
+def load_variables(directory: str) -> PyTree:
+    """Reads variables written by `export_variables` (numpy leaves, no template needed).
+
+    Raises:
+      FileNotFoundError: naming the folder, when it does not hold an export.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"No exported stage variables in {directory}: run the stage that writes them first "
+            "(list it in config.stages) or point the config at another workdir's export."
+        )
+    return ocp.StandardCheckpointer().restore(directory)

@@ -59,3 +59,20 @@ def test_restore_without_checkpoint_raises(tmp_path):
         assert str(tmp_path) in str(error)
     else:
         raise AssertionError("restore of an empty folder must fail")
+
+
+def test_exported_variables_load_without_template(tmp_path):
+    from jaxcl.train.checkpoint import export_variables, load_variables
+
+    variables = {"params": {"encoder": {"kernel": np.arange(6.0).reshape(3, 2)}}, "batch_stats": {}}
+    export_variables(str(tmp_path / "export"), variables)
+    loaded = load_variables(str(tmp_path / "export"))
+    np.testing.assert_array_equal(
+        loaded["params"]["encoder"]["kernel"], np.arange(6.0).reshape(3, 2)
+    )
+    try:
+        load_variables(str(tmp_path / "missing"))
+    except FileNotFoundError as error:
+        assert "missing" in str(error)
+    else:
+        raise AssertionError("loading a missing export must fail")

@@ -1,0 +1,80 @@
+"""Shared defaults: the paper's protocol and hyper-parameters (SPEC §8).
+
+Dataset configs (`configs/<dataset>.py`) start from `get_config()` here and set the data
+section. Batch-size keys left at None take the paper's value for the chosen strategy
+(`jaxcl.train.recipes.PAPER_BATCHES`), so `--config.pretrain_global.strategy=GR` alone
+switches to the G^R batch of 24 slices x 2 views.
+"""
+
+import ml_collections
+
+STAGES = ("pretrain_global", "pretrain_local", "finetune", "evaluate")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.stages = STAGES
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "acdc"
+    config.data.root = ""  # manually downloaded data (not needed for "synthetic")
+    config.data.data_dir = ""  # TFDS data dir; "" means ~/tensorflow_datasets
+    config.data.image_size = 192
+    config.data.target_resolution = 1.36719
+    config.data.frame = "ED"  # ACDC / synthetic cardiac phase
+    config.data.n4 = False
+    config.data.n_partitions = 4
+    config.data.labelled_set = "tr1"  # tr1 | tr2 | tr8
+    config.data.combination = "c1"
+    config.data.eval_chunk_size = 16  # slices per evaluation batch (a multiple of devices)
+
+    config.model = ml_collections.ConfigDict()
+    config.model.filters = (16, 32, 64, 128, 128, 128)
+    config.model.num_decoder_blocks = 3  # l: decoder blocks pre-trained by the local loss
+    config.model.global_hidden_features = 1024
+    config.model.embedding_features = 128
+    config.model.dtype = "float32"  # or "bfloat16"
+    config.model.cross_replica_bn = True
+
+    config.augment = ml_collections.ConfigDict()  # overrides of jaxcl.augment.AugmentConfig
+
+    config.pretrain_global = ml_collections.ConfigDict()
+    config.pretrain_global.strategy = "GD"  # GR | GD- | GD | byol | byol-GD
+    config.pretrain_global.steps = 10_000
+    config.pretrain_global.learning_rate = 1e-3
+    config.pretrain_global.temperature = 0.1
+    config.pretrain_global.num_slices = ml_collections.config_dict.placeholder(int)
+    config.pretrain_global.num_volumes = ml_collections.config_dict.placeholder(int)
+    config.pretrain_global.num_views = ml_collections.config_dict.placeholder(int)
+    config.pretrain_global.tau_base = 0.996  # BYOL target EMA
+
+    config.pretrain_local = ml_collections.ConfigDict()
+    config.pretrain_local.strategy = "LR"  # LR | LD
+    config.pretrain_local.steps = 10_000
+    config.pretrain_local.learning_rate = 1e-3
+    config.pretrain_local.temperature = 0.1
+    config.pretrain_local.positions = "paper"  # paper | grid
+    config.pretrain_local.grid_size = ml_collections.config_dict.placeholder(int)
+    config.pretrain_local.negatives = "all"  # all | paper
+    config.pretrain_local.num_slices = ml_collections.config_dict.placeholder(int)
+    config.pretrain_local.num_volumes = ml_collections.config_dict.placeholder(int)
+    config.pretrain_local.num_views = 2
+    # Where a stage loads its pre-trained parts from: None (default) this workdir's stage when it
+    # is in config.stages, "" random initialisation, else an export folder (WORKDIR/<stage>/export).
+    config.pretrain_local.encoder_from = ml_collections.config_dict.placeholder(str)
+
+    config.finetune = ml_collections.ConfigDict()
+    config.finetune.steps = 10_000
+    config.finetune.learning_rate = 1e-3
+    config.finetune.batch_size = 20
+    config.finetune.val_every = 50
+    config.finetune.encoder_from = ml_collections.config_dict.placeholder(str)  # as above
+    config.finetune.decoder_from = ml_collections.config_dict.placeholder(str)
+
+    config.parallel = ml_collections.ConfigDict()
+    config.parallel.mode = "pmap"  # pmap | shard_map
+
+    config.log_every = 50
+    config.checkpoint_every = 500
+    return config
