@@ -93,18 +93,6 @@ def _example_input(config: ml_collections.ConfigDict) -> jax.Array:
     return jnp.zeros((1, size, size, 1), jnp.float32)
 
 
-def _settings(config, workdir, stage, total_steps, images_per_step, **kwargs):
-    return loop.LoopSettings(
-        stage=stage,
-        stage_dir=os.path.join(workdir, stage),
-        total_steps=total_steps,
-        images_per_step=images_per_step,
-        log_every=config.log_every,
-        checkpoint_every=config.checkpoint_every,
-        **kwargs,
-    )
-
-
 def _keys(config: ml_collections.ConfigDict, stage: str) -> tuple[jax.Array, jax.Array]:
     """(init key, step key) of a stage, distinct per stage and derived from config.seed."""
     stage_key = jax.random.fold_in(jax.random.key(config.seed), sum(map(ord, stage)))
@@ -141,9 +129,56 @@ def _load_into(state: TrainState, export: str | None, paths, stage: str) -> Trai
     )
 
 
-def _pretrain_pool(config, data: DataContext) -> pipeline.SlicePool:
+def _pretraining_batches(config, data: DataContext, stage: str, parallel: DataParallel):
+    """(recipe, step-indexed batches) of a pre-training stage over the unlabelled pool."""
+    recipe = recipes.batch_recipe(config[stage], stage)
     volumes = data.volumes(splits.get_split(data.dataset, "pretrain"))
-    return pipeline.build_slice_pool(volumes, num_partitions=config.data.n_partitions)
+    pool = pipeline.build_slice_pool(volumes, num_partitions=config.data.n_partitions)
+    batches = recipes.make_batches(
+        pool, recipe, seed=config.seed, local_device_count=parallel.num_local_devices
+    )
+    return recipe, batches
+
+
+def _train(
+    config,
+    workdir: str,
+    stage: str,
+    *,
+    parallel: DataParallel,
+    state,
+    step,
+    batches,
+    images_per_step: int,
+    validate=None,
+    **settings,
+) -> loop.LoopResult:
+    """Runs `loop.train_loop` for a stage with the config's step count and cadence."""
+    _, step_key = _keys(config, stage)
+    return loop.train_loop(
+        loop.LoopSettings(
+            stage=stage,
+            stage_dir=os.path.join(workdir, stage),
+            total_steps=config[stage].steps,
+            images_per_step=images_per_step,
+            log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every,
+            **settings,
+        ),
+        parallel=parallel,
+        initial_state=state,
+        step_fn=parallel.map_step(step),
+        batches=lambda start: batches.iterate(start_step=start),
+        rng=step_key,
+        validate=validate,
+    )
+
+
+def _export(workdir: str, stage: str, state: TrainState) -> None:
+    checkpoint.export_variables(
+        os.path.join(workdir, stage, "export"),
+        {"params": state.params, "batch_stats": state.batch_stats},
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,21 +189,16 @@ def pretrain_global(config, workdir: str, data: DataContext) -> dict[str, Any]:
     """Stage 1: encoder + g1 (G^R / G^{D-} / G^D) or BYOL on the unlabelled pool."""
     stage, cfg = "pretrain_global", config.pretrain_global
     parallel = DataParallel(config.parallel.mode)
-    recipe = recipes.batch_recipe(cfg, stage)
-    batches = recipes.make_batches(
-        _pretrain_pool(config, data),
-        recipe,
-        seed=config.seed,
-        local_device_count=parallel.num_local_devices,
-    )
-    init_key, step_key = _keys(config, stage)
+    recipe, batches = _pretraining_batches(config, data, stage, parallel)
+    init_key, _ = _keys(config, stage)
     options = _model_options(config)
     sizes = {
         "hidden_features": config.model.global_hidden_features,
         "features": config.model.embedding_features,
     }
     tx = optax.adam(cfg.learning_rate)
-    if cfg.strategy in recipes.BYOL_STRATEGIES:
+    byol = cfg.strategy in recipes.BYOL_STRATEGIES
+    if byol:
         online = stage_models.ByolNetwork(predict=True, **sizes, **options)
         target = stage_models.ByolNetwork(predict=False, **sizes, **options)
         state = steps.create_byol_state(online, target, init_key, _example_input(config), tx)
@@ -190,21 +220,17 @@ def pretrain_global(config, workdir: str, data: DataContext) -> dict[str, Any]:
             temperature=cfg.temperature,
             augment_config=_augment_config(config),
         )
-    result = loop.train_loop(
-        _settings(
-            config, workdir, stage, cfg.steps, recipe.images_per_step(config.data.n_partitions)
-        ),
+    result = _train(
+        config,
+        workdir,
+        stage,
         parallel=parallel,
-        initial_state=state,
-        step_fn=parallel.map_step(step),
-        batches=lambda start: batches.iterate(start_step=start),
-        rng=step_key,
+        state=state,
+        step=step,
+        batches=batches,
+        images_per_step=recipe.images_per_step(config.data.n_partitions),
     )
-    final = result.state.online if cfg.strategy in recipes.BYOL_STRATEGIES else result.state
-    checkpoint.export_variables(
-        os.path.join(workdir, stage, "export"),
-        {"params": final.params, "batch_stats": final.batch_stats},
-    )
+    _export(workdir, stage, result.state.online if byol else result.state)
     return {"strategy": cfg.strategy, **result.metrics}
 
 
@@ -212,13 +238,7 @@ def pretrain_local(config, workdir: str, data: DataContext) -> dict[str, Any]:
     """Stage 2: decoder blocks 1..l + g2 with L^R / L^D, encoder loaded and frozen."""
     stage, cfg = "pretrain_local", config.pretrain_local
     parallel = DataParallel(config.parallel.mode)
-    recipe = recipes.batch_recipe(cfg, stage)
-    batches = recipes.make_batches(
-        _pretrain_pool(config, data),
-        recipe,
-        seed=config.seed,
-        local_device_count=parallel.num_local_devices,
-    )
+    recipe, batches = _pretraining_batches(config, data, stage, parallel)
     blocks = config.model.num_decoder_blocks
     feature_size = config.data.image_size // 2 ** (5 - blocks)
     positions = local.region_positions(feature_size, kind=cfg.positions, grid_size=cfg.grid_size)
@@ -229,7 +249,7 @@ def pretrain_local(config, workdir: str, data: DataContext) -> dict[str, Any]:
         freeze_encoder=True,
         **_model_options(config),
     )
-    init_key, step_key = _keys(config, stage)
+    init_key, _ = _keys(config, stage)
     tx = steps.frozen_encoder_tx(optax.adam(cfg.learning_rate))
     state = steps.create_train_state(model, init_key, _example_input(config), tx)
     export = _source_export(config, workdir, cfg.get("encoder_from"), "pretrain_global")
@@ -244,20 +264,17 @@ def pretrain_local(config, workdir: str, data: DataContext) -> dict[str, Any]:
         views_per_group=recipe.views_per_group(cfg.strategy, parallel.num_devices),
         augment_config=_augment_config(config),
     )
-    result = loop.train_loop(
-        _settings(
-            config, workdir, stage, cfg.steps, recipe.images_per_step(config.data.n_partitions)
-        ),
+    result = _train(
+        config,
+        workdir,
+        stage,
         parallel=parallel,
-        initial_state=state,
-        step_fn=parallel.map_step(step),
-        batches=lambda start: batches.iterate(start_step=start),
-        rng=step_key,
+        state=state,
+        step=step,
+        batches=batches,
+        images_per_step=recipe.images_per_step(config.data.n_partitions),
     )
-    checkpoint.export_variables(
-        os.path.join(workdir, stage, "export"),
-        {"params": result.state.params, "batch_stats": result.state.batch_stats},
-    )
+    _export(workdir, stage, result.state)
     return {"strategy": cfg.strategy, "encoder_from": export or "random", **result.metrics}
 
 
@@ -306,7 +323,7 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
         local_device_count=parallel.num_local_devices,
     )
     model = _unet(config, data)
-    init_key, step_key = _keys(config, stage)
+    init_key, _ = _keys(config, stage)
     state = steps.create_train_state(
         model, init_key, _example_input(config), optax.adam(cfg.learning_rate)
     )
@@ -328,28 +345,20 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
         data.layout.num_classes,
         config.data.eval_chunk_size,
     )
-    result = loop.train_loop(
-        _settings(
-            config,
-            workdir,
-            stage,
-            cfg.steps,
-            cfg.batch_size,
-            validate_every=cfg.val_every,
-            select_best="val_dice",
-        ),
+    result = _train(
+        config,
+        workdir,
+        stage,
         parallel=parallel,
-        initial_state=state,
-        step_fn=parallel.map_step(step),
-        batches=lambda start: batches.iterate(start_step=start),
-        rng=step_key,
+        state=state,
+        step=step,
+        batches=batches,
+        images_per_step=cfg.batch_size,
         validate=validator,
+        validate_every=cfg.val_every,
+        select_best="val_dice",
     )
-    best = result.best_state or result.state
-    checkpoint.export_variables(
-        os.path.join(workdir, stage, "export"),
-        {"params": best.params, "batch_stats": best.batch_stats},
-    )
+    _export(workdir, stage, result.best_state or result.state)
     return {
         "labelled": labelled,
         "validation": validation,
