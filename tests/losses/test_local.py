@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from jaxcl.losses import local
+from jaxcl.losses import local, region_kernel
 
 
 def _load_reference():
@@ -142,7 +142,9 @@ class LocalLossTest(chex.TestCase):
             num_anchors=num_anchors,
             views_per_group=views_per_group,
         )
-        with mock.patch.object(local, "_CHUNK_ELEMENTS", 2 * num_groups * views_per_group**2 * 9):
+        with mock.patch.object(
+            region_kernel, "CHUNK_ELEMENTS", 2 * num_groups * views_per_group**2 * 9
+        ):
             loss = jax.jit(loss_fn)(jnp.asarray(regions, jnp.float32), sample_ids, partition_ids)
         expected = reference.local_loss(
             regions, sample_ids, partition_ids, strategy, temperature, "all", num_anchors or 9
@@ -178,8 +180,10 @@ class LocalLossTest(chex.TestCase):
             num_anchors=3,
             views_per_group=4,
         )
-        chunk_elements = local._CHUNK_ELEMENTS if chunk_positions is None else 2 * 2 * 4 * 4 * 5
-        with mock.patch.object(local, "_CHUNK_ELEMENTS", chunk_elements):
+        chunk_elements = (
+            region_kernel.CHUNK_ELEMENTS if chunk_positions is None else 2 * 2 * 4 * 4 * 5
+        )
+        with mock.patch.object(region_kernel, "CHUNK_ELEMENTS", chunk_elements):
             grad = jax.jit(jax.grad(loss_fn))(jnp.asarray(regions, jnp.float32))
         np.testing.assert_allclose(grad, expected, rtol=1e-3, atol=1e-5)
 
