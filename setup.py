@@ -34,7 +34,7 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "ruff>=0.6"],
+        "test": ["pytest>=8.0", "ruff>=0.17,<0.18"],
         "n4": ["SimpleITK>=2.3"],
     },
 )
