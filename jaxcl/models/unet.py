@@ -8,12 +8,17 @@ trained by the local model map onto the UNet's.
 
 Layouts are NHWC. `dtype` is the computation dtype of convolutions and dense layers (float32 or
 bfloat16); parameters and BatchNorm statistics stay float32 and BatchNorm normalises in float32.
+
+Two operations are written in an equivalent form that XLA:CPU runs much faster (see
+benchmarks/model_step.py): the 2x2 max-pooling (`max_pool_2x2`, explicit gradient) and the
+decoder's up-convolution (`upsample_conv_2x`, computed on the low-resolution map).
 """
 
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 DEFAULT_FILTERS = (16, 32, 64, 128, 128, 128)
@@ -80,32 +85,146 @@ def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
     return x.reshape(batch, 2 * height, 2 * width, channels)
 
 
+def _conv(x: jnp.ndarray, kernel: jnp.ndarray, padding) -> jnp.ndarray:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def upsample_conv_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """`conv(upsample_nearest_2x(x), kernel)` for a 2x2 SAME kernel, without the upsampled map.
+
+    Output pixel (2i + a, 2j + b) sees input rows i, i + a and columns j, j + b only (SAME pads a
+    2x2 kernel at the bottom/right), so each of the 4 phases (a, b) is a small convolution of
+    the low-resolution map with summed taps: 1x1, 1x2, 2x1 and the 2x2 kernel itself. That is
+    9/16 of the multiply-adds, no 4x larger input map, and equal outputs up to float rounding
+    (the taps are summed before the multiplication).
+
+    Args:
+      x: (B, H, W, C_in), in the computation dtype.
+      kernel: (2, 2, C_in, C_out) taps of the convolution on the upsampled map; the taps are
+        summed in the wider of its and x's dtypes, then cast to x's dtype.
+
+    Returns:
+      (B, 2H, 2W, C_out).
+    """
+    (k00, k01), (k10, k11) = kernel = kernel.astype(jnp.promote_types(kernel.dtype, x.dtype))
+
+    def conv(phase_kernel, padding):
+        return _conv(x, phase_kernel.astype(x.dtype), padding)
+
+    no_pad, pad_end = (0, 0), (0, 1)
+    phase00 = conv((k00 + k01 + k10 + k11)[None, None], (no_pad, no_pad))
+    phase01 = conv(jnp.stack([k00 + k10, k01 + k11])[None], (no_pad, pad_end))
+    phase10 = conv(jnp.stack([k00 + k01, k10 + k11])[:, None], (pad_end, no_pad))
+    phase11 = conv(kernel, (pad_end, pad_end))
+    row0 = jnp.stack([phase00, phase01], axis=3)  # (B, H, W, 2, C_out): column phase b
+    row1 = jnp.stack([phase10, phase11], axis=3)
+    y = jnp.stack([row0, row1], axis=2)  # (B, H, 2, W, 2, C_out): row phase a
+    batch, height, _, width, _, channels = y.shape
+    return y.reshape(batch, 2 * height, 2 * width, channels)
+
+
+@jax.custom_vjp
+def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
+    """2x2 max-pooling with stride 2, (B, H, W, C) -> (B, H/2, W/2, C); H and W even.
+
+    Equal to `flax.linen.max_pool(x, (2, 2), strides=(2, 2))`, gradient included (for inputs
+    without NaN): the whole cotangent of a window goes to its first maximum in row-major order,
+    as XLA's select-and-scatter does. Written as a reshape + max with an explicit elementwise
+    backward pass, because XLA:CPU lowers the reduce-window gradient to a variadic reduce-window
+    over four index maps (iotas) and a scatter, several times slower than the convolutions
+    around it.
+    """
+    batch, height, width, channels = x.shape
+    return jnp.max(x.reshape(batch, height // 2, 2, width // 2, 2, channels), axis=(2, 4))
+
+
+def _max_pool_2x2_fwd(x: jnp.ndarray) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    pooled = max_pool_2x2(x)
+    return pooled, (x, pooled)
+
+
+def _max_pool_2x2_bwd(
+    residuals: tuple[jnp.ndarray, jnp.ndarray], cotangent: jnp.ndarray
+) -> tuple[jnp.ndarray]:
+    x, pooled = residuals
+    batch, height, width, channels = x.shape
+    windows = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+    top = pooled[:, :, None, :, None, :]
+    first00 = windows[:, :, :1, :, :1] == top
+    first01 = (windows[:, :, :1, :, 1:] == top) & ~first00
+    first10 = (windows[:, :, 1:, :, :1] == top) & ~first00 & ~first01
+    first11 = ~(first00 | first01 | first10)
+    first = jnp.concatenate(
+        [
+            jnp.concatenate([first00, first01], axis=4),
+            jnp.concatenate([first10, first11], axis=4),
+        ],
+        axis=2,
+    )
+    grad = jnp.where(first, cotangent[:, :, None, :, None, :], jnp.zeros((), cotangent.dtype))
+    return (grad.reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
+
+
+class UpsampleConv(nn.Module):
+    """Nearest 2x upsampling followed by a 2x2 SAME convolution (no bias, He-normal).
+
+    Its parameter `kernel` (2, 2, C_in, features) is the one `nn.Conv(features, (2, 2))` would
+    have on the upsampled map (same path, shape and initial value); `upsample_conv_2x` computes
+    the result on the low-resolution map.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: (B, H, W, C_in) -> (B, 2H, 2W, features)."""
+        kernel = self.param("kernel", he_normal, (2, 2, x.shape[-1], self.features), jnp.float32)
+        return upsample_conv_2x(x.astype(self.dtype), kernel)
+
+
 class ConvBNReLU(nn.Module):
     """Convolution (SAME, no bias, He-normal) -> BatchNorm -> ReLU.
 
     Attributes:
       features: output channels.
       kernel_size: (3, 3) for the network's convolutions, (2, 2) after upsampling, (1, 1) in g2.
+      upsample: convolve the nearest-2x-upsampled input (`UpsampleConv`, kernel_size (2, 2)):
+        the output is twice the input's height and width.
     """
 
     features: int
     kernel_size: tuple[int, int] = (3, 3)
     dtype: Dtype = jnp.float32
     axis_name: str | None = None
+    upsample: bool = False
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """x: (B, H, W, C_in) -> (B, H, W, features)."""
-        x = nn.Conv(
-            self.features,
-            self.kernel_size,
-            padding="SAME",
-            use_bias=False,
-            kernel_init=he_normal,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-            name="conv",
-        )(x)
+        """x: (B, H, W, C_in) -> (B, H, W, features), or (B, 2H, 2W, features) if upsample."""
+        if self.upsample:
+            if tuple(self.kernel_size) != (2, 2):
+                raise ValueError(
+                    f"ConvBNReLU(upsample=True) is the decoder's 2x2 up-convolution; got "
+                    f"kernel_size {tuple(self.kernel_size)}."
+                )
+            x = UpsampleConv(self.features, self.dtype, name="conv")(x)
+        else:
+            x = nn.Conv(
+                self.features,
+                self.kernel_size,
+                padding="SAME",
+                use_bias=False,
+                kernel_init=he_normal,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                name="conv",
+            )(x)
         x = batch_norm(train, self.dtype, self.axis_name, name="bn")(x)
         return nn.relu(x)
 
@@ -146,7 +265,7 @@ class Encoder(nn.Module):
                 )(x, train)
             if level < NUM_LEVELS:
                 skips.append(x)
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
         return x, tuple(skips)
 
 
@@ -165,7 +284,7 @@ class DecoderBlock(nn.Module):
         """x: (B, h, w, C), skip: (B, 2h, 2w, C_skip) -> (B, 2h, 2w, C_skip)."""
         features = skip.shape[-1]
         conv = {"dtype": self.dtype, "axis_name": self.axis_name}
-        x = ConvBNReLU(features, (2, 2), name="upconv", **conv)(upsample_nearest_2x(x), train)
+        x = ConvBNReLU(features, (2, 2), upsample=True, name="upconv", **conv)(x, train)
         x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
         for index in range(1, self.num_convs + 1):
             x = ConvBNReLU(features, name=f"conv{index}", **conv)(x, train)

@@ -1,0 +1,100 @@
+"""Tests for the UNet's rewritten operations (max-pool with explicit gradient, phase up-conv).
+
+Both must equal the plain formulation they replace: numpy loops written from the definitions, and
+flax / XLA's own max-pool gradient as a second, independent reference.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl.models import unet
+
+
+def _max_pool_numpy(x):
+    """Forward and the gradient map of each window's first maximum (row-major order)."""
+    batch, height, width, channels = x.shape
+    pooled = np.zeros((batch, height // 2, width // 2, channels), x.dtype)
+    first = np.zeros(x.shape, bool)
+    for b in range(batch):
+        for i in range(height // 2):
+            for j in range(width // 2):
+                for c in range(channels):
+                    window = [(2 * i + a, 2 * j + d) for a in (0, 1) for d in (0, 1)]
+                    values = [x[b, r, s, c] for r, s in window]
+                    k = int(np.argmax(values))  # argmax returns the first maximum
+                    pooled[b, i, j, c] = values[k]
+                    first[b, window[k][0], window[k][1], c] = True
+    return pooled, first
+
+
+def test_max_pool_2x2_value_and_gradient_with_ties():
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.normal(size=(2, 6, 8, 3)), 0.0).astype(np.float32)  # ReLU zeros tie
+    x[0, 0, 0, 0] = x[0, 0, 1, 0] = x[0, 1, 1, 0] = 5.0  # positive tie, first in the top row
+    x[1, 2, 3, 2] = x[1, 3, 2, 2] = 4.0  # tie between the top-right and bottom-left
+    x[1, 4, 4, 1] = x[1, 5, 5, 1] = 3.0
+    cotangent = rng.normal(size=(2, 3, 4, 3)).astype(np.float32)
+    pooled, first = _max_pool_numpy(x)
+    expected_grad = np.where(first, np.repeat(np.repeat(cotangent, 2, 1), 2, 2), 0.0)
+
+    value, vjp = jax.vjp(unet.max_pool_2x2, jnp.asarray(x))
+    np.testing.assert_array_equal(value, pooled)
+    np.testing.assert_array_equal(vjp(jnp.asarray(cotangent))[0], expected_grad)
+    # XLA's select-and-scatter (flax's max_pool gradient) gives the same map.
+    _, flax_vjp = jax.vjp(lambda v: nn.max_pool(v, (2, 2), strides=(2, 2)), jnp.asarray(x))
+    np.testing.assert_array_equal(flax_vjp(jnp.asarray(cotangent))[0], expected_grad)
+
+
+def _upsample_conv_numpy(x, kernel):
+    """2x2 SAME convolution (zero row/column added at the bottom/right) of the 2x-upsampled x."""
+    up = np.repeat(np.repeat(x.astype(np.float64), 2, axis=1), 2, axis=2)
+    up = np.pad(up, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    batch, height, width, _ = up.shape
+    out = np.zeros((batch, height - 1, width - 1, kernel.shape[-1]))
+    for dy in (0, 1):
+        for dx in (0, 1):
+            window = up[:, dy : dy + height - 1, dx : dx + width - 1]
+            out += np.einsum("bhwc,cd->bhwd", window, kernel[dy, dx].astype(np.float64))
+    return out
+
+
+def test_upsample_conv_2x_matches_convolution_of_upsampled_map():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)  # non-square: rows and columns differ
+    kernel = rng.normal(size=(2, 2, 4, 6)).astype(np.float32)
+    np.testing.assert_allclose(
+        unet.upsample_conv_2x(jnp.asarray(x), jnp.asarray(kernel)),
+        _upsample_conv_numpy(x, kernel),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+    # Gradients equal those of the plain formulation (up to float rounding).
+    def plain(x, kernel):
+        return jax.lax.conv_general_dilated(
+            unet.upsample_nearest_2x(x),
+            kernel,
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+    cotangent = jnp.asarray(rng.normal(size=(2, 10, 6, 6)).astype(np.float32))
+    got = jax.vjp(unet.upsample_conv_2x, jnp.asarray(x), jnp.asarray(kernel))[1](cotangent)
+    want = jax.vjp(plain, jnp.asarray(x), jnp.asarray(kernel))[1](cotangent)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_conv_keeps_the_plain_conv_parameter():
+    """Same path, shape and initial value as nn.Conv(features, (2, 2)) named `conv`."""
+    x = jnp.zeros((1, 4, 4, 3))
+    key = jax.random.key(7)
+    fast = unet.ConvBNReLU(5, (2, 2), upsample=True).init(key, x, train=False)
+    plain = unet.ConvBNReLU(5, (2, 2)).init(key, unet.upsample_nearest_2x(x), train=False)
+    assert jax.tree.map(np.shape, fast) == jax.tree.map(np.shape, plain)
+    np.testing.assert_array_equal(
+        fast["params"]["conv"]["kernel"], plain["params"]["conv"]["kernel"]
+    )
