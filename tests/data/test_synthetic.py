@@ -1,4 +1,4 @@
-"""Tests of the synthetic cardiac dataset: files, headers and anatomy read back from disk.
+"""Tests of the synthetic cardiac dataset: files, headers and rendered anatomy read from disk.
 
 The five subjects generated once per module are one per group (NOR, DCM, HCM, MINF, RV). Every
 check measures the written NIfTI volumes with plain numpy (areas, volumes, intensities, ray-cast
