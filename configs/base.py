@@ -75,6 +75,27 @@ def get_config() -> ml_collections.ConfigDict:
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "pmap"  # pmap | shard_map
 
+    # Runs over several processes (jaxcl.train.distributed): Cloud TPU VMs are detected; elsewhere
+    # set coordinator_address ("host:port" of process 0), num_processes and process_id on every
+    # process, or cluster="slurm" | "ompi" | "mpi4py" to read them from the launcher.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.cluster = "auto"  # auto | none | slurm | ompi | mpi4py
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = ml_collections.config_dict.placeholder(int)
+    config.distributed.process_id = ml_collections.config_dict.placeholder(int)
+    config.distributed.local_device_ids = ml_collections.config_dict.placeholder(tuple)
+
+    # The paper's experiment grid, run by `python -m jaxcl.experiments` (docs/EXPERIMENTS.md).
+    # Comma-separated lists, e.g. --config.sweep.inits=random,GD+LR. Fine-tuning seeds; the
+    # pre-trainings use config.seed. combinations: "all" = every subset the dataset defines.
+    config.sweep = ml_collections.ConfigDict()
+    config.sweep.inits = "random,GR,GD-,GD,BYOL,BYOL-D,GR+LR,GR+LD,GD+LR,GD+LD"
+    config.sweep.labelled_sets = "tr1,tr2,tr8"
+    config.sweep.combinations = ml_collections.ConfigDict(
+        {"tr1": "all", "tr2": "all", "tr8": "all"}
+    )
+    config.sweep.seeds = "0"
+
     config.log_every = 50
     config.checkpoint_every = 500
     return config

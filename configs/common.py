@@ -4,7 +4,7 @@ import ml_collections
 
 
 def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Tiny network, small images and a few steps per stage: tests the machinery in ~a minute."""
+    """Tiny network, small images, a few steps per stage and 3 sweep cells: tests the machinery."""
     config.data.image_size = 64
     config.data.target_resolution = config.data.target_resolution * 3
     config.model.filters = (8, 8, 16, 16, 16, 16)
@@ -17,6 +17,11 @@ def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.finetune.val_every = 3
     config.log_every = 2
     config.checkpoint_every = 3
+    # The sweep's machinery on its smallest interesting grid: no pre-training (random), a global
+    # one alone (GD) and a local one on top of it (GD+LR), on one labelled volume (tr1-c1).
+    config.sweep.inits = "random,GD,GD+LR"
+    config.sweep.labelled_sets = "tr1"
+    config.sweep.combinations.tr1 = "c1"
     return config
 
 

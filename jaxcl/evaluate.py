@@ -18,14 +18,16 @@ and per class. `evaluate` adds the I/O: it writes into its output folder
                              original image's affine and header
   figures/<id>.png           image / ground truth / prediction for a few slices of a few subjects
 
-Standard deviations are population ones (ddof = 0) over subjects.
+Standard deviations are population ones (ddof = 0) over subjects. The output folder may be local
+or `gs://`. In a run of several processes every process evaluates (each gets the results) and
+process 0 alone writes the files.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,7 +37,7 @@ import nibabel as nib
 import numpy as np
 import scipy.special
 
-from jaxcl import figures
+from jaxcl import figures, files
 from jaxcl.data import pipeline, preprocess
 from jaxcl.data.sources import DataError, DatasetLayout, Subject
 from jaxcl.train.parallel import DataParallel
@@ -44,6 +46,8 @@ from jaxcl.train.parallel import DataParallel
 ApplyFn = Callable[[np.ndarray], Any]
 
 DEFAULT_CHUNK_SIZE = 16
+# gzip level of the written predictions: nibabel's default for .nii.gz.
+_NIFTI_COMPRESSION = 1
 
 
 # Inference ----------------------------------------------------------------------------------
@@ -327,7 +331,7 @@ def evaluate(
     volumes: Sequence[preprocess.Volume],
     subjects: Sequence[Subject],
     layout: DatasetLayout,
-    out_dir: str,
+    out_dir: files.PathLike,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     metadata: Mapping[str, Any] | None = None,
@@ -343,7 +347,7 @@ def evaluate(
       subjects: source subjects (at least those of `volumes`): their original image files give
         the affine/header of the written predictions, their label files the reference for Dice.
       layout: the dataset layout (class names, raw label values, image channel).
-      out_dir: output folder (created).
+      out_dir: output folder (created), local or `gs://`.
       chunk_size: slices per apply call.
       metadata: stored in results.json and the Markdown caption (config name, checkpoint step).
       write_predictions: write predictions/<subject_id>.nii.gz.
@@ -354,7 +358,8 @@ def evaluate(
       The results dict written to results.json (see `summarize`).
     """
     sources = _subjects_for(volumes, subjects)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = files.path(out_dir)
+    writes = jax.process_index() == 0
     dice_by_subject = {}
     for index, (volume, subject) in enumerate(zip(volumes, sources, strict=True)):
         original = nib.load(subject.image_path)
@@ -374,11 +379,13 @@ def evaluate(
             dict(zip(layout.class_names[1:], np.round(dice, 4).tolist(), strict=True)),
             dice.mean(),
         )
-        if write_predictions:
-            path = os.path.join(out_dir, "predictions", f"{volume.subject_id}.nii.gz")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            nib.save(prediction_nifti(prediction, original, layout.label_values), path)
-        if index < num_figure_subjects:
+        if writes and write_predictions:
+            nifti = prediction_nifti(prediction, original, layout.label_values)
+            files.write_atomically(
+                out_dir / "predictions" / f"{volume.subject_id}.nii.gz",
+                gzip.compress(nifti.to_bytes(), compresslevel=_NIFTI_COMPRESSION),
+            )
+        if writes and index < num_figure_subjects:
             scores = ", ".join(
                 f"{name} {d:.3f}" for name, d in zip(layout.class_names[1:], dice, strict=True)
             )
@@ -391,14 +398,13 @@ def evaluate(
                 spacing=tuple(volume.geometry.spacing[:2]),
                 title=f"subject {volume.subject_id}: Dice {scores}",
             )
-            figures.save_figure(
-                figure, os.path.join(out_dir, "figures", f"{volume.subject_id}.png")
-            )
+            figures.save_figure(figure, out_dir / "figures" / f"{volume.subject_id}.png")
 
     results = summarize(dice_by_subject, layout.class_names, metadata)
-    with open(os.path.join(out_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=_json_value)
-    with open(os.path.join(out_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(results_markdown(results))
+    if writes:
+        files.write_atomically(
+            out_dir / "results.json", json.dumps(results, indent=2, default=_json_value)
+        )
+        files.write_atomically(out_dir / "results.md", results_markdown(results))
     logging.info("evaluate: mean Dice %.4f ± %.4f", results["mean"], results["std"])
     return results

@@ -1,7 +1,8 @@
 """PNG figures: segmentation overlays of test volumes and training-curve plots.
 
 Figures are built as `matplotlib.figure.Figure` objects (no pyplot, so no global figure state and
-no interactive backend; `Figure.savefig` renders PNGs with Agg) and written by `save_figure`.
+no interactive backend; `Figure.savefig` renders PNGs with Agg) and written by `save_figure`,
+locally or to `gs://`.
 
 Overlays show native-grid slices with the array's first axis as rows, like the synthetic
 montage; pixels are drawn with their physical aspect ratio. Class c > 0 is drawn in colour
@@ -14,8 +15,8 @@ its own line or together with the other).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib
@@ -23,6 +24,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+
+from jaxcl import files
 
 _OVERLAY_ALPHA = 0.5
 # Loss curves longer than this many points also get a running mean, drawn over the raw values.
@@ -138,20 +141,20 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (cumulative[window:] - cumulative[:-window]) / window
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: files.PathLike) -> list[dict]:
     """Records of a JSON-lines metrics file (blank lines skipped).
 
     Raises:
       FileNotFoundError if `path` is missing; ValueError naming the file and line for a line that
       is not a JSON object with a "step".
     """
-    if not os.path.isfile(path):
+    if not files.path(path).is_file():
         raise FileNotFoundError(
             f"metrics file {path} does not exist; point plot_loss_curves at the stage's "
             "metrics JSON-lines file written by the trainer."
         )
     records = []
-    with open(path, encoding="utf-8") as f:
+    with files.path(path).open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -210,13 +213,16 @@ def _series(records: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarra
     return steps, values
 
 
-def save_figure(figure: Figure, path: str, dpi: int = 100) -> None:
-    """Writes `figure` as a PNG at `path`, creating the parent folder."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    figure.savefig(path, dpi=dpi)
+def save_figure(figure: Figure, path: files.PathLike, dpi: int = 100) -> None:
+    """Writes `figure` as a PNG at `path` (local or `gs://`), creating the parent folder."""
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=dpi)
+    files.write_atomically(path, png.getvalue())
 
 
-def plot_loss_curves(metrics_jsonl_paths_by_stage: Mapping[str, str], out_png: str) -> None:
+def plot_loss_curves(
+    metrics_jsonl_paths_by_stage: Mapping[str, files.PathLike], out_png: files.PathLike
+) -> None:
     """Reads each stage's JSON-lines metrics file and writes the loss-curve PNG.
 
     Args:

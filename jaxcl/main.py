@@ -3,16 +3,15 @@
 Stages already finished in WORKDIR are skipped; an interrupted stage resumes from its last
 checkpoint. Config values can be overridden on the command line, e.g.
 `--config.finetune.steps=100` or `--config=configs/synthetic.py:quick`.
-"""
 
-import logging
-import sys
+On a CPU-only machine the process first applies `jaxcl.runtime`'s XLA:CPU settings (it may
+re-execute itself once for huge pages), which is why the trainer is imported inside `main`.
+"""
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxcl.data.sources import DataError
-from jaxcl.train import loop, trainer
+from jaxcl import runtime
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/<dataset>.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results.")
@@ -22,19 +21,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    # jaxcl logs progress at INFO; orbax, TFDS and clu (absl logger) and jax only errors.
-    for noisy in ("absl", "jax"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
+    # Imported here, after runtime.tune_cpu_process: importing them takes seconds.
+    from jaxcl import entry
+    from jaxcl.train import distributed, trainer
+
+    def work():
+        distributed.initialize(_CONFIG.value)
         trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (DataError, FileNotFoundError, loop.NonFiniteLossError) as error:
-        print(f"jaxcl: {error}", file=sys.stderr)
-        sys.exit(1)
-    except loop.PreemptedError as error:
-        print(f"jaxcl: {error}", file=sys.stderr)
-        sys.exit(143)
+
+    entry.run(work)
 
 
 if __name__ == "__main__":
+    runtime.tune_cpu_process()
     app.run(main)

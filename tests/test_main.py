@@ -24,9 +24,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from jaxcl import main as jaxcl_main
+from jaxcl.config_validation import ConfigError
 from jaxcl.data import sources
 from jaxcl.data import tfds as volumes_tfds
-from jaxcl.train import loop
+from jaxcl.train import loop, trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("pretrain_global", "pretrain_local", "finetune", "evaluate")
@@ -281,6 +282,7 @@ def parsed_flags(monkeypatch):
         (FileNotFoundError("No exported stage variables in /w/pretrain_global/export"), 1),
         (loop.NonFiniteLossError("finetune: non-finite metrics at step 7"), 1),
         (loop.PreemptedError("finetune: SIGTERM at step 7; rerun the same command"), 143),
+        (ConfigError(["config.model.dtype='float16': not one of ['float32', 'bfloat16']"]), 1),
     ],
 )
 @pytest.mark.usefixtures("parsed_flags")
@@ -289,7 +291,7 @@ def test_known_errors_exit_with_a_message_and_no_traceback(monkeypatch, capsys, 
         assert config.data.dataset == "synthetic" and workdir == "unused"
         raise error
 
-    monkeypatch.setattr(jaxcl_main.trainer, "train_and_evaluate", fail)
+    monkeypatch.setattr(trainer, "train_and_evaluate", fail)
     with pytest.raises(SystemExit) as exit_info:
         jaxcl_main.main(["jaxcl.main"])
     assert exit_info.value.code == exit_code

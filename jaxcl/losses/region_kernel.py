@@ -127,7 +127,6 @@ def _all_negatives_pass(
     return jnp.sum(term_sums), (_join_positions(anchor_grads, num_anchors), candidate_grad)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def all_negatives_term_sum(
     anchor_regions: jax.Array,
     candidates: jax.Array,
@@ -135,19 +134,51 @@ def all_negatives_term_sum(
     temperature: float,
     chunk: int,
 ) -> jax.Array:
-    """Term sum of `_all_negatives_pass`, differentiable (gradients from its forward pass)."""
+    """Term sum of `_all_negatives_pass`, differentiable (gradients from its forward pass).
+
+    Computed in float32 whatever the regions' dtype (bfloat16 regions are cast on entry, so the
+    similarities, log-sum-exp and gradients are float32); the gradients reach the regions in
+    their own dtype through the cast.
+
+    Args:
+      anchor_regions: (G, Va, A, D) normalised anchor regions.
+      candidates: (G, Vc, R, D) normalised regions of the same groups, A <= R.
+      is_pair: (G, Va, Vc) bool, anchor view v and candidate view w form positive pairs.
+      temperature: τ.
+      chunk: anchor positions per block.
+
+    Returns:
+      float32 scalar.
+    """
+    return _float32_term_sum(
+        anchor_regions.astype(jnp.float32),
+        candidates.astype(jnp.float32),
+        is_pair,
+        temperature,
+        chunk,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _float32_term_sum(
+    anchor_regions: jax.Array,
+    candidates: jax.Array,
+    is_pair: jax.Array,
+    temperature: float,
+    chunk: int,
+) -> jax.Array:
     return _all_negatives_pass(anchor_regions, candidates, is_pair, temperature, chunk, False)[0]
 
 
-def all_negatives_term_sum_fwd(anchor_regions, candidates, is_pair, temperature, chunk):
+def _float32_term_sum_fwd(anchor_regions, candidates, is_pair, temperature, chunk):
     # The residuals are the gradients themselves: the backward pass only scales them.
     return _all_negatives_pass(anchor_regions, candidates, is_pair, temperature, chunk, True)
 
 
-def all_negatives_term_sum_bwd(temperature, chunk, gradients, term_sum_cotangent):
+def _float32_term_sum_bwd(temperature, chunk, gradients, term_sum_cotangent):
     del temperature, chunk
     anchor_grad, candidate_grad = gradients
     return term_sum_cotangent * anchor_grad, term_sum_cotangent * candidate_grad, None
 
 
-all_negatives_term_sum.defvjp(all_negatives_term_sum_fwd, all_negatives_term_sum_bwd)
+_float32_term_sum.defvjp(_float32_term_sum_fwd, _float32_term_sum_bwd)

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcl.models.unet import ConvBNReLU, Dtype, batch_norm, he_normal
+from jaxcl.models.unet import ConvBNReLU, Dtype, batch_norm, float32_bias, he_normal
 
 REGION_SIZE = 3  # A region is a 3x3 window of the g2 feature map.
 
@@ -125,7 +125,7 @@ class ProjectionMLP(nn.Module):
     """BYOL projector / predictor: flatten -> Dense(hidden) -> BN -> ReLU -> Dense(features).
 
     The hidden Dense has no bias (BatchNorm follows and would cancel it); the output Dense has
-    one. Submodules `hidden`, `bn`, `output`.
+    one, added in float32 (`float32_bias`). Submodules `hidden`, `bn`, `output`.
     """
 
     hidden_features: int = 1024
@@ -135,11 +135,11 @@ class ProjectionMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        """x: (B, ...) -> (B, features)."""
+        """x: (B, ...) -> (B, features) float32."""
         dense = {"dtype": self.dtype, "param_dtype": jnp.float32}
         x = x.reshape(x.shape[0], -1)
         x = nn.Dense(
             self.hidden_features, use_bias=False, kernel_init=he_normal, name="hidden", **dense
         )(x)
         x = nn.relu(batch_norm(train, self.dtype, self.axis_name, name="bn")(x))
-        return nn.Dense(self.features, name="output", **dense)(x)
+        return nn.Dense(self.features, promote_dtype=float32_bias, name="output", **dense)(x)

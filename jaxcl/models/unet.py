@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 DEFAULT_FILTERS = (16, 32, 64, 128, 128, 128)
 NUM_LEVELS = 6
@@ -54,6 +55,21 @@ def batch_norm(
         axis_name=axis_name,
         name=name,
     )
+
+
+def float32_bias(
+    inputs: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray | None, *, dtype: Dtype = None
+) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray | None]:
+    """`promote_dtype` for a flax Dense / Conv with a bias: inputs and kernel in `dtype`, the bias
+    left float32.
+
+    The layer multiplies in `dtype` and adds the bias in float32, so its output is float32 and the
+    bias gradient is a float32 sum of the output's cotangent over batch and pixels. (With a
+    bfloat16 bias that sum runs in bfloat16: XLA:CPU accumulates it in bfloat16, and over the
+    B·H·W terms of the segmentation logits it loses all its digits.)
+    """
+    inputs, kernel = promote_dtype(inputs, kernel, dtype=dtype)
+    return inputs, kernel, bias
 
 
 def check_filters(filters: Sequence[int]) -> None:
@@ -359,6 +375,7 @@ class SegmentationHead(nn.Module):
             padding="SAME",
             dtype=self.dtype,
             param_dtype=jnp.float32,
+            promote_dtype=float32_bias,
             name="logits",
         )(x)
         return x.astype(jnp.float32)

@@ -5,15 +5,21 @@ renames it when complete, so a run killed mid-save leaves the previous checkpoin
 half-written one is ignored on restart. A checkpoint holds the train state and a small JSON
 dictionary (`meta`) for host-side values that must survive a restart (best validation score,
 wall time, ...).
+
+Folders may be local or `gs://` (orbax writes through `etils.epath`). With several processes,
+every process calls `save`, `restore`, `export_variables` and `load_variables` at the same point
+(orbax synchronises them): the state is replicated, so process 0 writes it and every process
+reads it, and the folder must be shared by all of them (GCS, or one file system).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxcl import files
 
 PyTree = Any
 
@@ -22,12 +28,12 @@ class StageCheckpointer:
     """Saves and restores `(state, meta)` pairs of one stage.
 
     Args:
-      directory: folder of this stage's checkpoints (created if missing).
+      directory: folder of this stage's checkpoints (created if missing), local or `gs://`.
       max_to_keep: number of most recent checkpoints kept on disk.
     """
 
-    def __init__(self, directory: str, *, max_to_keep: int = 2):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: files.PathLike, *, max_to_keep: int = 2):
+        self.directory = files.path(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -73,21 +79,21 @@ class StageCheckpointer:
         self._manager.close()
 
 
-def export_variables(directory: str, variables: PyTree) -> None:
+def export_variables(directory: files.PathLike, variables: PyTree) -> None:
     """Writes a stage's final `{"params": ..., "batch_stats": ...}` for later stages (atomic)."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.abspath(directory), jax.device_get(variables), force=True)
+    checkpointer.save(files.path(directory), jax.device_get(variables), force=True)
     checkpointer.wait_until_finished()
 
 
-def load_variables(directory: str) -> PyTree:
+def load_variables(directory: files.PathLike) -> PyTree:
     """Reads variables written by `export_variables` (numpy leaves, no template needed).
 
     Raises:
       FileNotFoundError: naming the folder, when it does not hold an export.
     """
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
+    directory = files.path(directory)
+    if not directory.is_dir():
         raise FileNotFoundError(
             f"No exported stage variables in {directory}: run the stage that writes them first "
             "(list it in config.stages) or point the config at another workdir's export."

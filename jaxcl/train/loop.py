@@ -11,6 +11,11 @@ trajectory as an uninterrupted one. Metrics lines are written on the log/validat
 only; a checkpoint carries the step metrics not yet written, and metrics lines (and `best/`
 entries) after the restored step, left by the run that was killed, are dropped on resume, so the
 JSON-lines file of a resumed run equals that of an uninterrupted one.
+
+With several processes every process runs the loop in step: all take part in each checkpoint
+(`StageCheckpointer`), process 0 alone writes metrics, and the decisions that start collective
+work (keeping a new best state, stopping for SIGTERM) are taken at the same step everywhere.
+The stage folder may be local or `gs://`.
 """
 
 from __future__ import annotations
@@ -20,8 +25,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +33,11 @@ from typing import Any
 import jax
 import numpy as np
 from clu import metric_writers
+from etils import epath
+from jax.experimental import multihost_utils
 
+from jaxcl import files
+from jaxcl.train import distributed
 from jaxcl.train.checkpoint import StageCheckpointer
 from jaxcl.train.parallel import DataParallel
 
@@ -55,7 +62,8 @@ class LoopSettings:
 
     Attributes:
       stage: stage name, used in messages and as the metrics prefix.
-      stage_dir: WORKDIR/<stage>; checkpoints in `checkpoints/`, metrics in `metrics/`.
+      stage_dir: WORKDIR/<stage> (local or `gs://`); checkpoints in `checkpoints/`, metrics in
+        `metrics/`.
       total_steps: number of updates of the stage.
       images_per_step: global images per step (for images/s).
       log_every: steps between progress lines / metric writes (validation steps write one too).
@@ -109,7 +117,8 @@ def train_loop(
       NonFiniteLossError: a step's loss was NaN/inf (names stage and step).
       PreemptedError: SIGTERM; the current step was checkpointed first.
     """
-    checkpointer = StageCheckpointer(os.path.join(settings.stage_dir, "checkpoints"))
+    stage_dir = files.path(settings.stage_dir)
+    checkpointer = StageCheckpointer(stage_dir / "checkpoints")
     host_state, meta, start_step = initial_state, {}, 0
     if checkpointer.latest_step() is not None:
         host_state, meta = checkpointer.restore(initial_state)
@@ -119,17 +128,20 @@ def train_loop(
         )
     best_checkpointer = None
     if settings.select_best:
-        best_dir = os.path.join(settings.stage_dir, "best")
+        best_dir = stage_dir / "best"
         # A best state saved after the restored step belongs to the abandoned part of the
         # trajectory; the resumed run saves it again when it gets there.
-        _drop_steps_after(best_dir, start_step)
+        if distributed.is_main_process():
+            _drop_steps_after(best_dir, start_step)
+        distributed.barrier(f"{settings.stage}: old best states dropped")
         best_checkpointer = StageCheckpointer(best_dir, max_to_keep=1)
     best_score = meta.get("best_score", -math.inf)
-    metrics_path = os.path.join(settings.stage_dir, "metrics", "metrics.jsonl")
-    _truncate_metrics(metrics_path, after_step=start_step)
+    metrics_path = stage_dir / "metrics" / "metrics.jsonl"
+    if distributed.is_main_process():
+        _truncate_metrics(metrics_path, after_step=start_step)
     writer = metric_writers.create_default_writer(
-        os.path.join(settings.stage_dir, "metrics"),
-        just_logging=jax.process_index() > 0,
+        str(stage_dir / "metrics"),
+        just_logging=not distributed.is_main_process(),
         asynchronous=False,
     )
 
@@ -148,7 +160,7 @@ def train_loop(
         }
         checkpointer.save(step, parallel.get_state(state), meta=host_values)
 
-    with _sigterm_flag() as preempted, contextlib.closing(writer):
+    with _preemption_notice() as preempted, contextlib.closing(writer):
         for step, batch in zip(
             range(start_step + 1, settings.total_steps + 1), batches(start_step), strict=False
         ):
@@ -169,7 +181,10 @@ def train_loop(
                 scores = validate(parallel.get_state(state))
                 _write(writer, metrics_path, step, scores)
                 last.update(scores)
-                if settings.select_best and scores[settings.select_best] > best_score:
+                # Every process validates; process 0's verdict decides, as saving is collective.
+                if settings.select_best and distributed.agree(
+                    scores[settings.select_best] > best_score
+                ):
                     best_score = scores[settings.select_best]
                     best_checkpointer.save(step, parallel.get_state(state), meta=scores)
                     logging.info(
@@ -179,12 +194,12 @@ def train_loop(
                         settings.select_best,
                         best_score,
                     )
-            stopping = preempted()  # read once: the checkpoint and the error agree on the step
+            stopping = preempted(step)  # read once: the checkpoint and the error agree
             if step % settings.checkpoint_every == 0 or is_last or stopping:
                 save(step)
             if stopping:
                 raise _preempted(settings.stage, step)
-        if preempted():  # arrived during the final checkpoint: the stage is saved, stop anyway
+        if preempted(None):  # arrived during the final checkpoint: the stage is saved, stop
             raise _preempted(settings.stage, settings.total_steps)
 
     final = parallel.get_state(state)
@@ -255,25 +270,21 @@ def _flush(host, settings, writer, metrics_path, timer, step) -> dict[str, float
     return averaged
 
 
-def _write(writer, metrics_path: str, step: int, values: dict[str, float]) -> None:
-    if jax.process_index() != 0:
+def _write(writer, metrics_path: epath.Path, step: int, values: dict[str, float]) -> None:
+    if not distributed.is_main_process():
         return
     writer.write_scalars(step, values)
-    os.makedirs(os.path.dirname(metrics_path), exist_ok=True)
-    with open(metrics_path, "a", encoding="utf-8") as file:
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    with metrics_path.open("a", encoding="utf-8") as file:
         file.write(json.dumps({"step": step, **values}) + "\n")
 
 
-def _truncate_metrics(path: str, *, after_step: int) -> None:
+def _truncate_metrics(path: epath.Path, *, after_step: int) -> None:
     """Drops metric lines of steps > after_step (written by a run that was killed)."""
-    if jax.process_index() != 0 or not os.path.exists(path):
+    if not path.exists():
         return
-    with open(path, encoding="utf-8") as file:
-        kept = [line for line in file if _line_step(line) <= after_step]
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.writelines(kept)
-    os.replace(temporary, path)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    files.write_atomically(path, "".join(line for line in lines if _line_step(line) <= after_step))
 
 
 def _line_step(line: str) -> float:
@@ -284,13 +295,13 @@ def _line_step(line: str) -> float:
         return math.inf
 
 
-def _drop_steps_after(directory: str, step: int) -> None:
+def _drop_steps_after(directory: epath.Path, step: int) -> None:
     """Deletes the checkpoints of steps > `step` in an orbax checkpoint folder."""
-    if not os.path.isdir(directory):
+    if not directory.is_dir():
         return
-    for name in os.listdir(directory):
-        if name.isdigit() and int(name) > step:
-            shutil.rmtree(os.path.join(directory, name))
+    for child in directory.iterdir():
+        if child.name.isdigit() and int(child.name) > step:
+            child.rmtree()
 
 
 class _Throughput:
@@ -319,11 +330,21 @@ def _format_seconds(seconds: float) -> str:
 
 
 @contextlib.contextmanager
-def _sigterm_flag():
-    """Yields `preempted() -> bool`, True once SIGTERM arrived (handler restored on exit)."""
+def _preemption_notice():
+    """Yields `preempted(step) -> bool`: whether to stop at `step` (None: after the last step).
+
+    One process: True once SIGTERM arrived (our handler, the previous one restored on exit).
+    Processes connected by `jax.distributed`: JAX's preemption service catches SIGTERM on any of
+    them and picks the step at which all of them stop, so that all save that step together. It
+    needs a call at every step, so it cannot answer after the last one: a notice that arrives
+    during the final checkpoint leaves the run going, and the rerun finds the stage finished.
+    """
+    if jax.distributed.is_initialized():
+        yield lambda step: step is not None and multihost_utils.reached_preemption_sync_point(step)
+        return
     received = []
     previous = signal.signal(signal.SIGTERM, lambda *_: received.append(True))
     try:
-        yield lambda: bool(received)
+        yield lambda step: bool(received)
     finally:
         signal.signal(signal.SIGTERM, previous)

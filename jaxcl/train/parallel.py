@@ -123,13 +123,13 @@ class DataParallel:
     def get_state(self, state: PyTree) -> PyTree:
         """The device state as one host-side copy (numpy leaves), e.g. for checkpoints."""
         if self.mode == "pmap":
-            state = jax.tree.map(lambda x: x[0], state)
+            return _first_local_copy(state)
         return jax.device_get(state)
 
     def get_metrics(self, metrics: PyTree) -> PyTree:
         """Metrics returned by a mapped step as host floats."""
         if self.mode == "pmap":
-            metrics = jax.tree.map(lambda x: x[0], metrics)
+            metrics = _first_local_copy(metrics)
         return jax.tree.map(float, jax.device_get(metrics))
 
     def put_batch(self, batch: PyTree) -> PyTree:
@@ -150,6 +150,17 @@ class DataParallel:
             return np.stack([np.asarray(s.data) for s in shards])
 
         return jax.tree.map(local_part, outputs)
+
+
+def _first_local_copy(replicated: PyTree) -> PyTree:
+    """Host copy of pmap outputs `(devices, ...)` that are equal on every device: device 0's.
+
+    Copied straight from this process's first device, with no device program: indexing (`x[0]`)
+    runs a program on all local devices per leaf, and with several processes XLA:CPU was seen to
+    hang in such a program while another process waited in a global collective (orbax's barrier).
+    """
+    on_first_device = jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), replicated))
+    return jax.tree.map(lambda x: x[0], on_first_device)
 
 
 def _to_global_array(x: np.ndarray, *, sharding: NamedSharding, local: int) -> jax.Array:

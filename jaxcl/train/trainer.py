@@ -6,6 +6,10 @@ stages load by parameter path (`transfer.transfer_params`). Which stage a later 
 `config.<stage>.encoder_from` / `decoder_from`: None means "this workdir's stage, if it is part
 of config.stages", "" means random initialisation, anything else is an export folder (so a sweep
 can share one pre-training between many fine-tunings).
+
+The workdir may be local or `gs://bucket/run`. With several processes (`distributed`) every
+process runs every stage in step, process 0 alone writes metrics, DONE files, figures and
+results, and the workdir must be one folder that all of them see (GCS, or a shared file system).
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxcl import augment, evaluate, figures
+from jaxcl import augment, config_validation, evaluate, figures, files
 from jaxcl.data import pipeline, sources, splits
 from jaxcl.data import tfds as volumes_tfds
 from jaxcl.losses import local
 from jaxcl.models import stages as stage_models
 from jaxcl.models.unet import UNet
-from jaxcl.train import checkpoint, loop, recipes, steps, transfer
+from jaxcl.train import checkpoint, distributed, loop, recipes, steps, transfer
 from jaxcl.train.parallel import AXIS_NAME, DataParallel
 from jaxcl.train.state import TrainState
 
@@ -39,15 +43,24 @@ DONE_FILE = "DONE.json"
 
 
 class DataContext:
-    """The dataset of a run: layout, NIfTI root and preprocessed volumes by subject id."""
+    """The dataset of a run: layout, NIfTI root and preprocessed volumes by subject id.
+
+    `data_dir` (prepared TFDS data) may be `gs://`; the NIfTI root is a local folder.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict):
         data = config.data
         self.dataset = data.dataset
         self.data_dir = data.data_dir or os.path.expanduser("~/tensorflow_datasets")
         self.root = data.root or None
-        if self.dataset == "synthetic":
-            self.root = self.root or volumes_tfds.synthetic_root(self.data_dir)
+        if self.dataset == "synthetic" and not self.root:
+            if "://" in self.data_dir:
+                raise sources.DataError(
+                    f"config.data.data_dir={self.data_dir!r} is remote, but the synthetic "
+                    "dataset generates its NIfTI files under data_dir/jaxcl_synthetic, which "
+                    "must be local: set config.data.root to a local folder for them."
+                )
+            self.root = volumes_tfds.synthetic_root(self.data_dir)
         frame = data.frame if self.dataset in ("acdc", "synthetic") else None
         self._options = {
             "target_resolution": data.target_resolution,
@@ -60,7 +73,8 @@ class DataContext:
         )
 
     def volumes(self, subject_ids: list[str], *, require_labels: bool = False) -> list:
-        return volumes_tfds.load_volumes(
+        load = functools.partial(
+            volumes_tfds.load_volumes,
             self.dataset,
             root=self.root,
             data_dir=self.data_dir,
@@ -68,6 +82,9 @@ class DataContext:
             require_labels=require_labels,
             **self._options,
         )
+        # Process 0 prepares a dataset missing from a shared data_dir once; the others then read
+        # it (or prepare their own copy in a data_dir on their local disk).
+        return distributed.main_process_first(load, "jaxcl: volumes ready")
 
     def subjects(self) -> list[sources.Subject]:
         return self.layout.find_subjects(self.root)
@@ -103,7 +120,7 @@ def _keys(config: ml_collections.ConfigDict, stage: str) -> tuple[jax.Array, jax
 def _source_export(config, workdir: str, option: str | None, stage: str) -> str | None:
     """Export folder a later stage loads from, or None for random initialisation."""
     if option is None:
-        return os.path.join(workdir, stage, "export") if stage in config.stages else None
+        return str(files.path(workdir) / stage / "export") if stage in config.stages else None
     return option or None
 
 
@@ -158,7 +175,7 @@ def _train(
     return loop.train_loop(
         loop.LoopSettings(
             stage=stage,
-            stage_dir=os.path.join(workdir, stage),
+            stage_dir=str(files.path(workdir) / stage),
             total_steps=config[stage].steps,
             images_per_step=images_per_step,
             log_every=config.log_every,
@@ -176,9 +193,10 @@ def _train(
 
 def _export(workdir: str, stage: str, state: TrainState) -> None:
     checkpoint.export_variables(
-        os.path.join(workdir, stage, "export"),
+        files.path(workdir) / stage / "export",
         {"params": state.params, "batch_stats": state.batch_stats},
     )
+    distributed.barrier(f"{stage}: exported")  # later stages read it on every process
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,9 +390,11 @@ def run_evaluation(config, workdir: str, data: DataContext) -> dict[str, Any]:
     """Stage 4: test Dice on the native grid, predictions, figures, results tables (SPEC §9)."""
     stage = "evaluate"
     model = _unet(config, data)
-    variables = checkpoint.load_variables(os.path.join(workdir, "finetune", "export"))
+    variables = checkpoint.load_variables(files.path(workdir) / "finetune" / "export")
     test = data.volumes(splits.get_split(data.dataset, "test"), require_labels=True)
-    out_dir = os.path.join(workdir, stage)
+    out_dir = files.path(workdir) / stage
+    # Every process predicts the test volumes on its first local device (no collectives, the
+    # same numbers everywhere, so all return the same summary); process 0 writes the files.
     results = evaluate.evaluate(
         evaluate.inference_apply_fn(model, variables),
         test,
@@ -386,18 +406,17 @@ def run_evaluation(config, workdir: str, data: DataContext) -> dict[str, Any]:
             "dataset": data.dataset,
             "labelled_set": config.data.labelled_set,
             "combination": config.data.combination,
-            "workdir": os.path.abspath(workdir),
+            "workdir": str(files.path(workdir)),
         },
     )
     curves = {
-        name: path
+        name: str(path)
         for name in config.stages
-        if os.path.exists(path := os.path.join(workdir, name, "metrics", "metrics.jsonl"))
+        if (path := files.path(workdir) / name / "metrics" / "metrics.jsonl").exists()
     }
-    if curves:
-        figures.plot_loss_curves(curves, os.path.join(out_dir, "figures", "loss_curves.png"))
-    with open(os.path.join(out_dir, "results.md"), encoding="utf-8") as file:
-        logging.info("Test Dice:\n%s", file.read())
+    if curves and distributed.is_main_process():
+        figures.plot_loss_curves(curves, out_dir / "figures" / "loss_curves.png")
+    logging.info("Test Dice:\n%s", evaluate.results_markdown(results))
     return {"mean_dice": results["mean"], "std_dice": results["std"]}
 
 
@@ -410,29 +429,26 @@ STAGES: dict[str, Callable[[ml_collections.ConfigDict, str, DataContext], dict]]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
-    """Runs `config.stages` in order, skipping stages whose DONE file exists; returns summaries."""
-    unknown = [name for name in config.stages if name not in STAGES]
-    if unknown:
-        raise ValueError(f"config.stages has unknown stages {unknown}; valid: {list(STAGES)}.")
+    """Runs `config.stages` in order, skipping stages whose DONE file exists; returns summaries.
+
+    Raises:
+      config_validation.ConfigError: listing every impossible config value, before any work.
+    """
+    config_validation.validate(
+        config, num_devices=jax.device_count(), num_processes=jax.process_count()
+    )
     data = DataContext(config)
     summaries = {}
     for name in config.stages:
-        done_file = os.path.join(workdir, name, DONE_FILE)
-        if os.path.exists(done_file):
+        done_file = files.path(workdir) / name / DONE_FILE
+        # Process 0's answer counts everywhere: every process must run the same stages.
+        if distributed.agree(done_file.exists()):
             logging.info("%s: already finished (%s), skipped.", name, done_file)
-            with open(done_file, encoding="utf-8") as file:
-                summaries[name] = json.load(file)
+            summaries[name] = json.loads(done_file.read_text(encoding="utf-8"))
             continue
         logging.info("%s: starting.", name)
         summaries[name] = STAGES[name](config, workdir, data)
-        if jax.process_index() == 0:
-            _write_json_atomically(done_file, summaries[name])
+        if distributed.is_main_process():
+            files.write_atomically(done_file, json.dumps(summaries[name], indent=2, default=str))
+        distributed.barrier(f"{name}: done")
     return summaries
-
-
-def _write_json_atomically(path: str, value: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(value, file, indent=2, default=str)
-    os.replace(temporary, path)

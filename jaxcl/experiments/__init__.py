@@ -1,0 +1,12 @@
+"""The paper's experiment protocol: initialisations x labelled-set sizes x subsets, as one sweep.
+
+  plan      which pre-trainings and cells `config.sweep` selects, their workdirs and configs
+  sweep     runs them in order through `trainer.train_and_evaluate` (resumable), with progress
+  records   run times, git commit and the config a sweep's workdir was started with
+  table     results.csv rows and the paper's Markdown table (pure)
+  plot      mean Dice against |X_tr| per initialisation
+  report    reads the finished cells and writes results.csv / results.md / results.png
+
+Command line: `python -m jaxcl.experiments --config=configs/<dataset>.py --workdir=DIR`
+(docs/EXPERIMENTS.md).
+"""

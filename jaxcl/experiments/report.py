@@ -1,0 +1,145 @@
+"""Writes the sweep's outputs from what its runs left in the workdir.
+
+  WORKDIR/results.csv   one row per finished cell (`table.csv_text`), `# ` lines on top
+  WORKDIR/results.md    the paper's table (`table.dice_table`), then the config as JSON
+  WORKDIR/results.png   mean Dice against |X_tr| per initialisation (`plot.dice_figure`)
+
+Every finished cell in the workdir is reported (a cell is finished when its evaluate stage wrote
+DONE.json), also cells an earlier invocation with another `config.sweep` selection ran. Each output
+names the command that started the sweep, the git commit(s) and the wall time summed over the
+sweep's recorded sessions. The workdir may be a local folder or a `gs://` URI (`jaxcl.files`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from jaxcl import figures, files
+from jaxcl.experiments import plan, plot, records, table
+from jaxcl.train.trainer import DONE_FILE
+
+CSV_FILE = "results.csv"
+MARKDOWN_FILE = "results.md"
+PLOT_FILE = "results.png"
+
+
+def _cell_of(cell_path) -> plan.Cell | None:
+    """The cell of a .../cells/<init>/<set>/<subset>/seed<S> folder, None if not a cell's."""
+    init, labelled_set, combination, seed = cell_path.parts[-4:]
+    if (
+        init not in plan.INITIALISATIONS
+        or labelled_set not in plan.LABELLED_SETS
+        or not seed.removeprefix("seed").isdigit()
+    ):
+        logging.warning("report: %s is not a sweep cell's folder, ignored.", cell_path)
+        return None
+    return plan.Cell(init, labelled_set, combination, int(seed.removeprefix("seed")))
+
+
+def collect(workdir: files.PathLike) -> list[table.CellResult]:
+    """The results of every finished cell under WORKDIR/cells/."""
+    results = []
+    for cell_path in sorted(files.path(workdir).glob("cells/*/*/*/seed*")):
+        evaluate_dir = cell_path / "evaluate"
+        cell = _cell_of(cell_path)
+        if cell is None or not (evaluate_dir / DONE_FILE).exists():
+            continue
+        scores = records.read_json(evaluate_dir / "results.json")
+        time_record = records.read_time(cell_path)
+        results.append(
+            table.CellResult(
+                cell=cell,
+                class_dice={name: scores["per_class"][name]["mean"] for name in scores["classes"]},
+                mean_dice=scores["mean"],
+                std_dice=scores["std"],
+                seconds=time_record["seconds"] if time_record else None,
+            )
+        )
+    return results
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _time_records(workdir: files.PathLike, pattern: str) -> list[dict]:
+    paths = files.path(workdir).glob(f"{pattern}/{records.TIME_FILE}")
+    return [records.read_json(path) for path in sorted(paths)]
+
+
+def provenance(workdir: files.PathLike, *, dataset: str, command: str, commit: str) -> list[str]:
+    """The lines naming config, git commit and wall time, for every output."""
+    pretraining_times = _time_records(workdir, "pretrain/*")
+    cell_times = _time_records(workdir, "cells/*/*/*/seed*")
+    pretraining_seconds = sum(record["seconds"] for record in pretraining_times)
+    cell_seconds = sum(record["seconds"] for record in cell_times)
+    run_commits = sorted(
+        {s["commit"] for record in pretraining_times + cell_times for s in record["sessions"]}
+    )
+    started_with = records.stored_command(workdir) or command
+    lines = [f"dataset: {dataset}; sweep started with: {started_with}"]
+    if started_with != command:
+        lines.append(f"this report: {command}")
+    if run_commits in ([], [commit]):
+        lines.append(f"git commit: {commit}")
+    else:
+        lines.append(f"git commit: {commit} (report); runs trained at {', '.join(run_commits)}")
+    lines.append(
+        f"wall time: {format_seconds(pretraining_seconds + cell_seconds)} "
+        f"(pre-training {format_seconds(pretraining_seconds)} in {len(pretraining_times)} runs, "
+        f"fine-tuning + evaluation {format_seconds(cell_seconds)} in {len(cell_times)} cells; "
+        "summed over the sweep's recorded sessions)"
+    )
+    return lines
+
+
+def _markdown(
+    results: list[table.CellResult], dataset: str, lines: list[str], workdir: files.PathLike
+) -> str:
+    parts = [f"# Sweep results: {dataset}", "", *[f"- {line}" for line in lines], ""]
+    parts += [table.dice_table(results, dataset)]
+    parts += [
+        f"Per cell (per-class Dice, seeds, times): {CSV_FILE}. Plot: {PLOT_FILE}. Init names "
+        "in results.csv and config.sweep.inits: random, GR, GD-, GD, BYOL, BYOL-D, GR+LR, ...",
+        "",
+    ]
+    config_path = files.path(workdir) / records.CONFIG_FILE
+    if config_path.exists():
+        config_json = json.dumps(records.read_json(config_path)["config"], indent=2)
+        parts += [
+            f"<details><summary>Config ({records.CONFIG_FILE})</summary>",
+            "",
+            "```json",
+            config_json,
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+    return "\n".join(parts)
+
+
+def write_report(
+    workdir: files.PathLike, *, dataset: str, command: str, commit: str, plot_png: bool = True
+) -> list[table.CellResult]:
+    """Writes results.csv, results.md and (if `plot_png` and a cell finished) results.png.
+
+    Returns:
+      The finished cells' results.
+    """
+    results = collect(workdir)
+    lines = provenance(workdir, dataset=dataset, command=command, commit=commit)
+    files.write_atomically(files.path(workdir) / CSV_FILE, table.csv_text(results, lines))
+    files.write_atomically(
+        files.path(workdir) / MARKDOWN_FILE, _markdown(results, dataset, lines, workdir)
+    )
+    if plot_png and results:
+        figure = plot.dice_figure(
+            table.summarize(results), title=f"{dataset}: test Dice by initialisation", footer=lines
+        )
+        figures.save_figure(figure, files.path(workdir) / PLOT_FILE)
+    logging.info("report: %d finished cells in %s.", len(results), workdir)
+    return results

@@ -1,0 +1,67 @@
+"""Run-time records, the stored-config check and the git commit."""
+
+import re
+import subprocess
+
+import pytest
+
+from configs import synthetic
+from jaxcl.experiments import plan, records
+
+
+def test_sessions_add_up(tmp_path):
+    run_dir = str(tmp_path / "cells" / "GD" / "tr1" / "c1" / "seed0")
+    assert records.read_time(run_dir) is None
+    records.add_session(run_dir, 12.5, commit="a", finished=False)
+    record = records.add_session(run_dir, 30.0, commit="b", finished=True)
+    assert record == records.read_time(run_dir)
+    assert record == {
+        "seconds": 42.5,
+        "sessions": [
+            {"seconds": 12.5, "commit": "a", "finished": False},
+            {"seconds": 30.0, "commit": "b", "finished": True},
+        ],
+    }
+
+
+def test_stored_config_allows_other_selections_and_data_locations(tmp_path):
+    workdir = str(tmp_path)
+    config = synthetic.get_config()
+    records.check_stored_config(config, workdir, "python -m jaxcl.experiments --a")
+    assert records.stored_command(workdir) == "python -m jaxcl.experiments --a"
+
+    same_training = synthetic.get_config()
+    same_training.sweep.inits = "random"
+    same_training.sweep.combinations.tr8 = "c2"
+    same_training.data.data_dir = "/elsewhere"
+    same_training.data.root = "/raw"
+    same_training.distributed.coordinator_address = "host:1234"
+    records.check_stored_config(same_training, workdir, "python -m jaxcl.experiments --b")
+    # The first command stays the one that started the sweep.
+    assert records.stored_command(workdir) == "python -m jaxcl.experiments --a"
+
+
+def test_stored_config_refuses_other_training_settings(tmp_path):
+    workdir = str(tmp_path)
+    records.check_stored_config(synthetic.get_config(), workdir, "cmd --a")
+    other = synthetic.get_config()
+    other.model.filters = (8, 8, 8, 8, 8, 8)
+    other.pretrain_local.strategy = "LD"
+    with pytest.raises(plan.SweepConfigError) as error:
+        records.check_stored_config(other, workdir, "cmd --b")
+    message = str(error.value)
+    assert "cmd --a" in message
+    assert "model.filters: [16, 32, 64, 128, 128, 128] -> [8, 8, 8, 8, 8, 8]" in message
+    assert "pretrain_local.strategy: 'LR' -> 'LD'" in message
+    assert "Use another --workdir" in message
+
+
+def test_git_commit_of_this_checkout_or_unknown(monkeypatch):
+    commit = records.git_commit()
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", commit), commit
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert records.git_commit() == "unknown"

@@ -1,0 +1,299 @@
+"""`config_validation.validate`: every impossible value is listed, with its key and its fix.
+
+The expected values (nearest batch sizes, valid names, pool sizes) are worked out by hand from the
+paper's batches (SPEC §2-§3), the splits (SPEC §7, §10) and the UNet's 5 poolings (SPEC §5).
+"""
+
+import functools
+import importlib
+import pathlib
+import re
+
+import pytest
+
+from jaxcl import config_validation
+from jaxcl.config_validation import ConfigError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATASETS = ("synthetic", "acdc", "prostate", "mmwhs")
+# An entry written by config_validation itself: config.<key>=<value>: <what is wrong>; <fix>.
+ENTRY = re.compile(r"^config\.[\w.]+=.+: .+; .+$")
+
+
+@pytest.fixture
+def load_config(monkeypatch, tmp_path):
+    """get(name, arg) -> configs/<name>.py's config, real datasets rooted in a fake download."""
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+
+    def get(name: str, arg: str | None = None):
+        config = importlib.import_module(f"configs.{name}").get_config(arg)
+        if name != "synthetic":
+            config.data.root = str(_fake_root(tmp_path / name, name))
+        return config
+
+    return get
+
+
+def _fake_root(root: pathlib.Path, dataset: str) -> pathlib.Path:
+    """A dataset folder with one subject in the dataset's layout (empty image files)."""
+    files = {
+        "acdc": {"patient001/Info.cfg": "ED: 1\n", "patient001/patient001_frame01.nii.gz": ""},
+        "prostate": {"imagesTr/prostate_00.nii.gz": ""},
+        "mmwhs": {"mr_train_1001_image.nii.gz": ""},
+    }[dataset]
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def _set(config, key: str, value) -> None:
+    *parents, name = key.split(".")
+    setattr(functools.reduce(getattr, parents, config), name, value)
+
+
+def _problems(config, num_devices: int = 1, num_processes: int = 1) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as raised:
+        config_validation.validate(config, num_devices=num_devices, num_processes=num_processes)
+    return raised.value.problems
+
+
+def _only_problem(config, num_devices: int = 1) -> str:
+    problems = _problems(config, num_devices)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+@pytest.mark.parametrize("arg", [None, "quick"])
+@pytest.mark.parametrize("name", DATASETS)
+def test_shipped_configs_are_valid_on_one_device(load_config, name, arg):
+    config_validation.validate(load_config(name, arg), num_devices=1)
+
+
+@pytest.mark.parametrize("arg", [None, "quick"])
+@pytest.mark.parametrize("name", DATASETS)
+def test_shipped_configs_on_eight_devices(load_config, name, arg):
+    """The paper's G^D 6 volumes and L^R 10 slices (and batch 20) do not split over 8 devices."""
+    config = load_config(name, arg)
+    problems = _problems(config, num_devices=8)
+    expected = [
+        "config.pretrain_global.num_volumes=None: 6 volumes (the strategy's paper value 6) do "
+        "not split into whole volumes over 8 devices; use a multiple of 8 (e.g. 8)",
+        "config.pretrain_local.num_slices=None: 10 slices (the strategy's paper value 10) do not "
+        "split into whole slices over 8 devices; use a multiple of 8 (e.g. 8 or 16)",
+    ]
+    if arg is None:  # quick fine-tunes with batch 8
+        expected.append(
+            "config.finetune.batch_size=20: 20 slices do not split into whole slices over 8 "
+            "devices; use a multiple of 8 (e.g. 16 or 24)"
+        )
+    assert list(problems) == expected
+    # The fixes it names make the config valid (MM-WHS, the smallest pool, has 10 volumes).
+    config.pretrain_global.num_volumes = 8
+    config.pretrain_local.num_slices = 16
+    config.finetune.batch_size = 16
+    config_validation.validate(config, num_devices=8, num_processes=2)
+
+
+def test_real_dataset_without_root_is_reported_for_evaluation(load_config):
+    config = load_config("prostate")
+    config.data.root = ""
+    problem = _only_problem(config)
+    assert problem.startswith("config.data.root='': ")
+    assert "Task05_Prostate" in problem and "medicaldecathlon.com" in problem
+    config.stages = ("pretrain_global", "pretrain_local", "finetune")  # no evaluation: not needed
+    config_validation.validate(config, num_devices=1)
+
+
+def test_missing_dataset_root_is_reported(load_config, tmp_path):
+    config = load_config("mmwhs")
+    config.data.root = str(tmp_path / "nowhere")
+    problem = _only_problem(config)
+    assert problem.startswith(f"config.data.root='{tmp_path / 'nowhere'}': ")
+    assert "does not exist" in problem
+
+
+# (key, bad value, substrings of its entry: the key with the value, then the fix).
+BAD_VALUES = [
+    ("model.dtype", "float16", ["config.model.dtype='float16'", "'float32', 'bfloat16'"]),
+    (
+        "pretrain_global.strategy",
+        "XX",
+        ["config.pretrain_global.strategy='XX'", "('GR', 'GD-', 'GD', 'byol', 'byol-GD')"],
+    ),
+    ("pretrain_local.strategy", "LX", ["config.pretrain_local.strategy='LX'", "('LR', 'LD')"]),
+    ("data.image_size", 100, ["config.data.image_size=100", "multiple of 32", "96 or 128"]),
+    ("data.image_size", 0, ["config.data.image_size=0", "e.g. 32"]),
+    ("stages", ("finetune", "bogus"), ["config.stages=('finetune', 'bogus')", "'bogus'"]),
+    (
+        "stages",
+        ("finetune", "pretrain_global"),
+        ["config.stages=('finetune', 'pretrain_global')", "in the order ('pretrain_global',"],
+    ),
+    ("data.labelled_set", "tr3", ["config.data.labelled_set='tr3'", "['tr1', 'tr2', 'tr8']"]),
+    ("data.dataset", "brats", ["config.data.dataset='brats'", "'mmwhs'", "'synthetic'"]),
+    ("data.frame", "XX", ["config.data.frame='XX'", "'ED' or 'ES'"]),
+    ("pretrain_global.steps", 0, ["config.pretrain_global.steps=0", "must be positive"]),
+    ("pretrain_local.steps", -5, ["config.pretrain_local.steps=-5", "must be positive"]),
+    ("finetune.steps", 0, ["config.finetune.steps=0", "must be positive"]),
+    ("finetune.val_every", 0, ["config.finetune.val_every=0", "e.g. 50"]),
+    ("finetune.learning_rate", 0.0, ["config.finetune.learning_rate=0.0", "1e-3"]),
+    ("pretrain_global.temperature", 0.0, ["config.pretrain_global.temperature=0.0", "0.1"]),
+    ("pretrain_local.temperature", -0.1, ["config.pretrain_local.temperature=-0.1", "0.1"]),
+    ("model.num_decoder_blocks", 0, ["config.model.num_decoder_blocks=0", "1..5"]),
+    ("model.num_decoder_blocks", 6, ["config.model.num_decoder_blocks=6", "1..5"]),
+    ("model.filters", (8, 8), ["config.model.filters=(8, 8)", "6 positive channel counts"]),
+    ("model.embedding_features", 0, ["config.model.embedding_features=0", "128"]),
+    # quick: 64² images, l = 3 decoder blocks -> a 16x16 map, grid_size in 2..14.
+    (
+        "pretrain_local.positions",
+        "grid",
+        ["config.pretrain_local.grid_size=None", "16x16 map", "grid_size <= feature_size - 2 = 14"],
+    ),
+    ("pretrain_local.positions", "dense", ["config.pretrain_local.positions='dense'", "'grid'"]),
+    ("pretrain_local.negatives", "some", ["config.pretrain_local.negatives='some'", "'paper'"]),
+    ("data.n_partitions", 0, ["config.data.n_partitions=0", "4"]),
+    ("data.target_resolution", 0.0, ["config.data.target_resolution=0.0", "in mm"]),
+    ("data.eval_chunk_size", 0, ["config.data.eval_chunk_size=0", "16"]),
+    ("log_every", 0, ["config.log_every=0", "must be positive"]),
+    ("checkpoint_every", 0, ["config.checkpoint_every=0", "must be positive"]),
+    ("seed", -1, ["config.seed=-1", "non-negative", "use 0"]),
+    ("parallel.mode", "vmap", ["config.parallel.mode='vmap'", "('pmap', 'shard_map')"]),
+    ("augment.crop_fraction", 2.0, ["config.augment.crop_fraction = 2.0", "(0, 1]"]),
+    # Synthetic's pretrain split holds 40 volumes (000-039).
+    (
+        "pretrain_global.num_volumes",
+        50,
+        ["config.pretrain_global.num_volumes=50", "exceed the 40", "(e.g. 40)"],
+    ),
+    ("pretrain_global.num_volumes", 0, ["config.pretrain_global.num_volumes=0", "None"]),
+    ("pretrain_local.num_views", 1, ["config.pretrain_local.num_views=1", "2 or more"]),
+    ("finetune.batch_size", 0, ["config.finetune.batch_size=0", "must be positive", "20"]),
+    # ml_collections lets any number be overridden with None.
+    ("finetune.steps", None, ["config.finetune.steps=None", "must be positive"]),
+    ("data.image_size", None, ["config.data.image_size=None", "e.g. 32"]),
+    ("model.num_decoder_blocks", None, ["config.model.num_decoder_blocks=None", "1..5"]),
+    ("augment.elastic_sigma", None, ["config.augment.elastic_sigma=None", "default is 5.0"]),
+]
+
+
+@pytest.mark.parametrize("key, value, expected", BAD_VALUES)
+def test_each_bad_value_names_its_key_and_fix(load_config, key, value, expected):
+    config = load_config("synthetic", "quick")
+    _set(config, key, value)
+    problem = _only_problem(config)
+    assert problem.startswith(expected[0]), problem
+    for text in expected[1:]:
+        assert text in problem, problem
+
+
+def test_combination_must_exist_for_the_labelled_set(load_config):
+    config = load_config("synthetic", "quick")
+    config.data.labelled_set = "tr8"
+    config.data.combination = "c9"
+    problem = _only_problem(config)
+    assert problem.startswith("config.data.combination='c9': ")
+    assert "['c1', 'c2', 'c3']" in problem
+    config.data.combination = "c5"  # tr1 and tr2 have c1..c5, tr8 only c1..c3
+    assert "['c1', 'c2', 'c3']" in _only_problem(config)
+
+
+def test_mmwhs_tr2_has_four_combinations(load_config):
+    config = load_config("mmwhs", "quick")
+    config.data.labelled_set = "tr2"
+    config.data.combination = "c5"
+    assert "['c1', 'c2', 'c3', 'c4']" in _only_problem(config)
+
+
+def test_missing_export_folder(load_config, tmp_path):
+    config = load_config("synthetic", "quick")
+    missing = str(tmp_path / "run" / "pretrain_global" / "export")
+    config.finetune.encoder_from = missing
+    config.pretrain_local.encoder_from = missing
+    config.finetune.decoder_from = ""  # random initialisation: fine
+    problems = _problems(config)
+    assert [p.split(": ")[0] for p in problems] == [
+        f"config.pretrain_local.encoder_from='{missing}'",
+        f"config.finetune.encoder_from='{missing}'",
+    ]
+    assert all("no such folder" in p and "''" in p for p in problems)
+    (tmp_path / "run" / "pretrain_global" / "export").mkdir(parents=True)
+    config_validation.validate(config, num_devices=1)
+
+
+def test_byol_checks(load_config):
+    config = load_config("synthetic", "quick")
+    config.stages = ("pretrain_global",)
+    config.pretrain_global.strategy = "byol-GD"
+    config.pretrain_global.num_volumes = 3  # BYOL-D pairs volumes
+    assert "must be even" in _only_problem(config)
+    config.pretrain_global.num_volumes = None  # paper: 3 pairs = 6 volumes
+    config.pretrain_global.tau_base = 1.5
+    config.pretrain_global.temperature = 0.0  # BYOL has no temperature
+    problem = _only_problem(config)
+    assert problem.startswith("config.pretrain_global.tau_base=1.5: ") and "[0, 1]" in problem
+    config.pretrain_global.tau_base = 0.99
+    config_validation.validate(config, num_devices=3)  # 3 pairs over 3 devices
+    # On 2 devices the pairs need a multiple of 2 x 2 volumes: 4 or 8 around 6.
+    problem = _only_problem(config, num_devices=2)
+    assert "config.pretrain_global.num_volumes=None: 6 volumes" in problem
+    assert "use a multiple of 4 (e.g. 4 or 8)" in problem
+
+
+def test_more_devices_than_the_pool_allows(load_config):
+    config = load_config("mmwhs")  # 10 pre-training volumes
+    config.stages = ("pretrain_global",)
+    problem = _only_problem(config, num_devices=16)
+    assert problem.startswith("config.pretrain_global.num_volumes=None: 6 volumes")
+    assert "no value fits 10 volumes: run on fewer devices" in problem
+
+
+def test_processes_are_named(load_config):
+    config = load_config("synthetic", "quick")
+    config.finetune.batch_size = 20
+    problems = _problems(config, num_devices=16, num_processes=2)
+    assert "over 16 devices (2 processes x 8 local)" in problems[-1]
+    assert "(e.g. 16 or 32)" in problems[-1]
+
+
+def test_unknown_augment_key(load_config):
+    config = load_config("synthetic", "quick")
+    config.augment.crop = 0.5
+    problem = _only_problem(config)
+    assert problem.startswith("config.augment.crop=0.5: unknown; ")
+    assert "'crop_fraction'" in problem
+
+
+def test_sections_of_stages_not_run_are_not_checked(load_config):
+    config = load_config("synthetic", "quick")
+    config.stages = ("finetune", "evaluate")
+    config.pretrain_global.strategy = "XX"
+    config.pretrain_local.temperature = 0.0
+    config_validation.validate(config, num_devices=1)
+
+
+def test_all_problems_are_listed_at_once(load_config):
+    config = load_config("synthetic", "quick")
+    config.model.dtype = "float16"
+    config.pretrain_global.strategy = "XX"
+    config.data.image_size = 100
+    config.finetune.val_every = 0
+    config.data.labelled_set = "tr3"
+    config.finetune.batch_size = 12  # not a multiple of 8
+    problems = _problems(config, num_devices=8)
+    keys = {problem.split("=")[0] for problem in problems}
+    assert keys == {
+        "config.model.dtype",
+        "config.pretrain_global.strategy",
+        "config.data.image_size",
+        "config.finetune.val_every",
+        "config.data.labelled_set",
+        "config.finetune.batch_size",
+        # quick's L^R batch of 10 slices does not split over 8 devices either.
+        "config.pretrain_local.num_slices",
+    }
+    assert all(ENTRY.match(p) for p in problems if "strategy" not in p)  # its own: recipes'
+    message = str(ConfigError(problems))
+    assert message.startswith("the config has 7 invalid value(s)")
+    assert all(f"\n  - {problem}" in message for problem in problems)
+    assert isinstance(ConfigError(problems), ValueError)
