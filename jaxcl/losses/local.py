@@ -90,7 +90,7 @@ def region_positions(
         if feature_size < 8:
             raise ValueError(
                 f"region_positions: feature_size={feature_size} is too small for the paper's "
-                "positions (they coincide below 8); use fewer decoder blocks or kind='grid'."
+                "positions (they coincide below 8); use more decoder blocks or kind='grid'."
             )
         w = feature_size - 4
         coordinate = {"a": 0, "q": w // 4, "m": w // 2, "t": (3 * w) // 4, "e": w}
