@@ -91,16 +91,6 @@ def check_input_size(height: int, width: int) -> None:
         )
 
 
-def upsample_nearest_2x(x: jnp.ndarray) -> jnp.ndarray:
-    """Nearest-neighbour 2x upsampling, (B, H, W, C) -> (B, 2H, 2W, C).
-
-    Written as broadcast + reshape, which XLA fuses into one copy (no gather).
-    """
-    batch, height, width, channels = x.shape
-    x = jnp.broadcast_to(x[:, :, None, :, None, :], (batch, height, 2, width, 2, channels))
-    return x.reshape(batch, 2 * height, 2 * width, channels)
-
-
 def _conv(x: jnp.ndarray, kernel: jnp.ndarray, padding) -> jnp.ndarray:
     return jax.lax.conv_general_dilated(
         x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -108,7 +98,7 @@ def _conv(x: jnp.ndarray, kernel: jnp.ndarray, padding) -> jnp.ndarray:
 
 
 def upsample_conv_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """`conv(upsample_nearest_2x(x), kernel)` for a 2x2 SAME kernel, without the upsampled map.
+    """A 2x2 SAME convolution of the nearest-2x-upsampled x, without the upsampled map.
 
     Output pixel (2i + a, 2j + b) sees input rows i, i + a and columns j, j + b only (SAME pads a
     2x2 kernel at the bottom/right), so each of the 4 phases (a, b) is a small convolution of

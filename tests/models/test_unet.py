@@ -160,12 +160,6 @@ def test_conv_bn_relu_train_step_matches_numpy():
     np.testing.assert_allclose(stats["var"], 0.99 + 0.01 * var, rtol=1e-5)
 
 
-def test_upsample_nearest_2x():
-    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
-    expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
-    np.testing.assert_array_equal(unet.upsample_nearest_2x(jnp.asarray(x)), expected)
-
-
 @pytest.mark.parametrize("height,width", [(100, 96), (96, 40), (16, 16)])
 def test_input_size_not_divisible_by_32_raises(height, width):
     model = unet.UNet(num_classes=2, filters=SMALL_FILTERS)
