@@ -36,6 +36,9 @@ _TISSUE_SIGNAL = {
     "rv_blood": 0.9,
     "myocardium": 0.3,
 }
+# Per-subject factors on those signals: tissue contrast varies widely between subjects (as between
+# scanners and protocols), but blood stays clearly brighter than myocardium, as in bSSFP cine.
+_SIGNAL_JITTER = {"blood": (0.85, 1.15), "rv_blood": (0.85, 1.15), "myocardium": (0.7, 1.4)}
 # Per group, end-diastolic ranges of: LV cavity radius and wall thickness at the base (mm), RV
 # crescent depth (mm) and half-width (degrees), LV and RV ejection fractions.
 _GROUP_RANGES = {
@@ -167,11 +170,14 @@ def sample_anatomy(rng: np.random.Generator, group: str) -> Anatomy:
         liver=np.array([u(0.35, 0.6), u(0.5, 0.7)]),
         spine=np.array([u(-8, 8), u(-5, 8), u(13, 17), u(20, 24), u(18, 30), -u(18, 26), u(9, 13)]),
         texture_seed=int(rng.integers(2**31)),
-        signal={name: value * u(0.85, 1.15) for name, value in _TISSUE_SIGNAL.items()},
-        gamma=u(0.7, 1.4),
-        bias=rng.normal(0.0, 0.2, size=6) + [0.0, -0.25, 0.0, 0.0, 0.0, 0.0],
-        blur_sigma=u(0.6, 1.2),
-        noise_level=u(0.02, 0.06),
+        signal={
+            name: value * u(*_SIGNAL_JITTER.get(name, (0.6, 1.5)))
+            for name, value in _TISSUE_SIGNAL.items()
+        },
+        gamma=u(0.6, 1.8),
+        bias=rng.normal(0.0, 0.3, size=6) + [0.0, -0.25, 0.0, 0.0, 0.0, 0.0],
+        blur_sigma=u(0.6, 1.6),
+        noise_level=u(0.02, 0.10),
         max_value=u(300, 1500),
     )
 

@@ -4,15 +4,15 @@ Preprocessing (nibabel reads, resampling, optional N4) is the slow part of the i
 is the same for every run of an experiment grid, so it runs once per dataset variant and is stored
 with TFDS under ``DATA_DIR/jaxcl_volumes/<config name>/<version>/``. The config name encodes
 everything the stored arrays depend on (dataset, frame, target resolution, image size, N4, and for
-the synthetic set its size and seed), so a different setting prepares a new copy and never reads a
-stale one. TFDS writes into a temporary ``*.incomplete*`` folder and renames it only after the
-last example is written, so a build that fails or is killed midway is never mistaken for a
-complete one; the next call starts again from scratch.
+the synthetic set its size, seed and generator version), so a different setting prepares a new
+copy and never reads a stale one. TFDS writes into a temporary ``*.incomplete*`` folder and renames
+it only after the last example is written, so a build that fails or is killed midway is never
+mistaken for a complete one; the next call starts again from scratch.
 
 Sources: acdc / prostate / mmwhs / folder read a manually downloaded root (TFDS ``manual_dir``;
 ``MANUAL_DOWNLOAD_INSTRUCTIONS`` says where to get each); "synthetic" generates its NIfTI files
-once into ``DATA_DIR/jaxcl_synthetic/<size>-<seed>/`` (SPEC §10) and is read from there like a
-download, so evaluation can compare against the native NIfTI files.
+once into ``DATA_DIR/jaxcl_synthetic/<size>-<seed>-v<version>/`` (SPEC §10) and is read from
+there like a download, so evaluation can compare against the native NIfTI files.
 
 Example features: ``subject_id``; ``image`` (Z, S, S) float32; ``label`` (Z, S, S) uint8 class
 indices, empty (0, S, S) when the subject has no label; ``image_path`` / ``label_path`` relative
@@ -94,7 +94,7 @@ def volumes_config(
     if frame is not None:
         parts.append(frame)
     if dataset == "synthetic":
-        parts += [f"{num_subjects}subjects", f"seed{seed}"]
+        parts += [f"{num_subjects}subjects", f"seed{seed}", f"v{synthetic.GENERATOR_VERSION}"]
     parts += [f"{target_resolution:g}mm", f"{image_size}px"] + (["n4"] if n4 else [])
     return VolumesConfig(
         name="-".join(parts),
@@ -190,7 +190,8 @@ class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 def synthetic_root(data_dir: str, num_subjects: int = 60, seed: int = 0) -> str:
     """Where `load_volumes` keeps the generated synthetic NIfTI files under ``data_dir``."""
-    return os.path.join(data_dir, "jaxcl_synthetic", f"{num_subjects}subjects-seed{seed}")
+    name = f"{num_subjects}subjects-seed{seed}-v{synthetic.GENERATOR_VERSION}"
+    return os.path.join(data_dir, "jaxcl_synthetic", name)
 
 
 def ensure_synthetic(root: str, *, num_subjects: int, seed: int) -> str:
