@@ -3,7 +3,8 @@
 Pre-trains every initialisation `config.sweep` selects once, fine-tunes and evaluates every cell,
 and writes DIR/results.csv, DIR/results.md and DIR/results.png (docs/EXPERIMENTS.md). Rerunning
 the same command skips what finished and resumes what was interrupted; `--only_report` rewrites
-the outputs from the finished cells without training. Choose a subset on the command line, e.g.
+the outputs from the finished cells without training; `--export_markdown=docs/RESULTS.md` also
+writes the report (and its plot, RESULTS.png) there. Choose a subset on the command line, e.g.
 `--config.sweep.inits=random,GD+LR --config.sweep.labelled_sets=tr1`.
 
 Compiled programs are cached on disk (`jaxcl.entry.enable_compilation_cache`), so the cells
@@ -24,6 +25,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the sweep's runs and 
 _ONLY_REPORT = flags.DEFINE_bool(
     "only_report", False, "Only rewrite results.csv/.md/.png from the finished cells in workdir."
 )
+_EXPORT_MARKDOWN = flags.DEFINE_string(
+    "export_markdown",
+    None,
+    "Also write the report to this Markdown file, its plot beside it (e.g. docs/RESULTS.md and "
+    "docs/RESULTS.png).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,15 +43,20 @@ def _run(config, workdir: str) -> None:
     from jaxcl.experiments import records, report, sweep
     from jaxcl.train import distributed
 
-    if _ONLY_REPORT.value:
-        if not files.path(workdir).is_dir():
-            raise FileNotFoundError(f"--workdir={workdir} does not exist: no sweep to report on.")
-        report.write_report(
-            workdir, dataset=config.data.dataset, command=_command(), commit=records.git_commit()
-        )
-        return
-    distributed.initialize(config)
-    sweep.run_sweep(config, workdir, command=_command())
+    if not _ONLY_REPORT.value:
+        distributed.initialize(config)
+        sweep.run_sweep(config, workdir, command=_command())
+        if _EXPORT_MARKDOWN.value is None or not distributed.is_main_process():
+            return
+    elif not files.path(workdir).is_dir():
+        raise FileNotFoundError(f"--workdir={workdir} does not exist: no sweep to report on.")
+    report.write_report(
+        workdir,
+        dataset=config.data.dataset,
+        command=_command(),
+        commit=records.git_commit(),
+        export_markdown=_EXPORT_MARKDOWN.value,
+    )
 
 
 def main(argv):

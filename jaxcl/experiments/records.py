@@ -6,19 +6,21 @@ WORKDIR/sweep_config.json        the config of the first invocation (without `co
                                  its command line; later invocations must train with the same
                                  config, or a rerun would silently mix results of two configs
 <run workdir>/sweep_time.json    {"seconds": total, "sessions": [{"seconds", "commit",
-                                 "finished"}, ...]}: wall time the sweep spent on the run, summed
-                                 over the invocations that worked on it (a SIGKILLed session's
-                                 time is lost; a SIGTERMed one is recorded)
+                                 "finished", "machine"}, ...]}: wall time the sweep spent on the
+                                 run, summed over the invocations that worked on it (a SIGKILLed
+                                 session's time is lost; a SIGTERMed one is recorded)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 
 from jaxcl import files
@@ -51,6 +53,27 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{head}-dirty" if changes else head
+
+
+def machine() -> str:
+    """What this process computes on, e.g. "2 CPU cores (AMD EPYC 7B13), 1 jax device: cpu
+    (jax 0.10.2)": the CPU model and the cores this process may use, and the jax devices."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            names = [
+                line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")
+            ]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    devices = jax.devices()
+    kinds = ", ".join(sorted({device.device_kind for device in devices}))
+    return (
+        f"{cores} CPU cores ({cpu}), {len(devices)} jax device{'s' * (len(devices) > 1)}: "
+        f"{kinds} (jax {jax.__version__})"
+    )
 
 
 def write_json(location: files.PathLike, value: Any) -> None:
@@ -134,11 +157,13 @@ def read_time(run_dir: files.PathLike) -> dict[str, Any] | None:
 
 
 def add_session(
-    run_dir: files.PathLike, seconds: float, *, commit: str, finished: bool
+    run_dir: files.PathLike, seconds: float, *, commit: str, finished: bool, machine: str
 ) -> dict[str, Any]:
     """Adds one invocation's wall time on a run to its record; returns the new record."""
     record = read_time(run_dir) or {"seconds": 0.0, "sessions": []}
-    record["sessions"].append({"seconds": seconds, "commit": commit, "finished": finished})
+    record["sessions"].append(
+        {"seconds": seconds, "commit": commit, "finished": finished, "machine": machine}
+    )
     record["seconds"] = sum(session["seconds"] for session in record["sessions"])
     write_json(files.path(run_dir) / TIME_FILE, record)
     return record

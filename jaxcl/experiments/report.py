@@ -1,7 +1,8 @@
 """Writes the sweep's outputs from what its runs left in the workdir.
 
   WORKDIR/results.csv   one row per finished cell (`table.csv_text`), `# ` lines on top
-  WORKDIR/results.md    the paper's table (`table.dice_table`), then the config as JSON
+  WORKDIR/results.md    the paper's table (`table.dice_table`), the plot, the paper's claims
+                        checked on the results (`claims`), then the config as JSON
   WORKDIR/results.png   mean Dice against |X_tr| per initialisation (`plot.dice_figure`)
 
 Every finished cell in the workdir is reported (a cell is finished when its evaluate stage wrote
@@ -16,7 +17,7 @@ import json
 import logging
 
 from jaxcl import figures, files
-from jaxcl.experiments import plan, plot, records, table
+from jaxcl.experiments import claims, plan, plot, records, table
 from jaxcl.train.trainer import DONE_FILE
 
 CSV_FILE = "results.csv"
@@ -76,9 +77,9 @@ def provenance(workdir: files.PathLike, *, dataset: str, command: str, commit: s
     cell_times = _time_records(workdir, "cells/*/*/*/seed*")
     pretraining_seconds = sum(record["seconds"] for record in pretraining_times)
     cell_seconds = sum(record["seconds"] for record in cell_times)
-    run_commits = sorted(
-        {s["commit"] for record in pretraining_times + cell_times for s in record["sessions"]}
-    )
+    sessions = [s for record in pretraining_times + cell_times for s in record["sessions"]]
+    run_commits = sorted({s["commit"] for s in sessions})
+    machines = sorted({s["machine"] for s in sessions if "machine" in s})
     started_with = records.stored_command(workdir) or command
     lines = [f"dataset: {dataset}; sweep started with: {started_with}"]
     if started_with != command:
@@ -87,6 +88,10 @@ def provenance(workdir: files.PathLike, *, dataset: str, command: str, commit: s
         lines.append(f"git commit: {commit}")
     else:
         lines.append(f"git commit: {commit} (report); runs trained at {', '.join(run_commits)}")
+    if machines:
+        unrecorded = sum("machine" not in s for s in sessions)
+        note = f" (not recorded for {unrecorded} of {len(sessions)} sessions)" if unrecorded else ""
+        lines.append(f"machine{'s' * (len(machines) > 1)}: {'; '.join(machines)}{note}")
     lines.append(
         f"wall time: {format_seconds(pretraining_seconds + cell_seconds)} "
         f"(pre-training {format_seconds(pretraining_seconds)} in {len(pretraining_times)} runs, "
@@ -97,15 +102,27 @@ def provenance(workdir: files.PathLike, *, dataset: str, command: str, commit: s
 
 
 def _markdown(
-    results: list[table.CellResult], dataset: str, lines: list[str], workdir: files.PathLike
+    results: list[table.CellResult],
+    dataset: str,
+    lines: list[str],
+    workdir: files.PathLike,
+    plot_name: str,
 ) -> str:
     parts = [f"# Sweep results: {dataset}", "", *[f"- {line}" for line in lines], ""]
     parts += [table.dice_table(results, dataset)]
     parts += [
-        f"Per cell (per-class Dice, seeds, times): {CSV_FILE}. Plot: {PLOT_FILE}. Init names "
-        "in results.csv and config.sweep.inits: random, GR, GD-, GD, BYOL, BYOL-D, GR+LR, ...",
+        f"Per cell (per-class Dice, seeds, times): {CSV_FILE}. Init names in results.csv and "
+        "config.sweep.inits: random, GR, GD-, GD, BYOL, BYOL-D, GR+LR, ...",
         "",
     ]
+    if results:
+        parts += [
+            f"![Mean test Dice against |X_tr| per initialisation]({plot_name})",
+            "",
+            "## The paper's claims",
+            "",
+            claims.claims_markdown(claims.check_claims(results)),
+        ]
     config_path = files.path(workdir) / records.CONFIG_FILE
     if config_path.exists():
         config_json = json.dumps(records.read_json(config_path)["config"], indent=2)
@@ -123,23 +140,39 @@ def _markdown(
 
 
 def write_report(
-    workdir: files.PathLike, *, dataset: str, command: str, commit: str, plot_png: bool = True
+    workdir: files.PathLike,
+    *,
+    dataset: str,
+    command: str,
+    commit: str,
+    plot_png: bool = True,
+    export_markdown: files.PathLike | None = None,
 ) -> list[table.CellResult]:
     """Writes results.csv, results.md and (if `plot_png` and a cell finished) results.png.
+
+    Args:
+      export_markdown: also write the Markdown report to this path (e.g. docs/RESULTS.md), with
+        the plot beside it under the same stem (docs/RESULTS.png).
 
     Returns:
       The finished cells' results.
     """
     results = collect(workdir)
     lines = provenance(workdir, dataset=dataset, command=command, commit=commit)
+    outputs = [(files.path(workdir) / MARKDOWN_FILE, files.path(workdir) / PLOT_FILE)]
+    if export_markdown is not None:
+        exported = files.path(export_markdown)
+        outputs.append((exported, exported.with_suffix(".png")))
     files.write_atomically(files.path(workdir) / CSV_FILE, table.csv_text(results, lines))
-    files.write_atomically(
-        files.path(workdir) / MARKDOWN_FILE, _markdown(results, dataset, lines, workdir)
-    )
-    if plot_png and results:
-        figure = plot.dice_figure(
-            table.summarize(results), title=f"{dataset}: test Dice by initialisation", footer=lines
-        )
-        figures.save_figure(figure, files.path(workdir) / PLOT_FILE)
+    for markdown_path, plot_path in outputs:
+        markdown = _markdown(results, dataset, lines, workdir, plot_name=plot_path.name)
+        files.write_atomically(markdown_path, markdown)
+        if plot_png and results:
+            figure = plot.dice_figure(
+                table.summarize(results),
+                title=f"{dataset}: test Dice by initialisation",
+                footer=lines,
+            )
+            figures.save_figure(figure, plot_path)
     logging.info("report: %d finished cells in %s.", len(results), workdir)
     return results

@@ -98,7 +98,7 @@ def run_sweep(
     """
     runs = plan.plan(config, workdir)
     writes_files = distributed.is_main_process()
-    commit = records.git_commit()
+    commit, machine = records.git_commit(), records.machine()
     _check_stored_config(config, workdir, command)
     finished_before = [distributed.agree(_finished(run)) for run in runs]
     logging.info(
@@ -135,7 +135,7 @@ def run_sweep(
             if writes_files:
                 # All sessions of the run: the ETA is about whole runs.
                 seconds = records.add_session(
-                    run.workdir, seconds, commit=commit, finished=finished
+                    run.workdir, seconds, commit=commit, finished=finished, machine=machine
                 )["seconds"]
         progress.add(run, seconds)
         outcome = ""

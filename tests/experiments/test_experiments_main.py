@@ -120,6 +120,17 @@ def test_quick_sweep_shares_pretrainings_and_reports_every_cell(quick_sweep):
         "sweep started with: python -m jaxcl.experiments --config=configs/synthetic.py:quick"
         in (markdown)
     )
+    assert f"- machine: {records.machine()}\n" in markdown
+    assert f"]({report.PLOT_FILE})" in markdown
+    # random, G^D and G^D + L^R on tr1 only: claim 2 (needs G^R) and claim 4 (two sizes) not run.
+    claims_lines = markdown.split("## The paper's claims")[1].splitlines()
+    verdicts = {  # the summary rows: "| 1 | claim | **verdict** | summary |"
+        line.split(" | ")[0].strip("| "): line.split(" | ")[2]
+        for line in claims_lines
+        if "**" in line
+    }
+    assert verdicts["1"] in ("**holds**", "**partly**", "**fails**")
+    assert verdicts["2"] == verdicts["4"] == "**not run**"
     assert (workdir / report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -146,15 +157,19 @@ def test_only_report_rewrites_the_outputs(quick_sweep, sweep_dirs):
     for name in (report.MARKDOWN_FILE, report.PLOT_FILE):
         (workdir / name).unlink()
 
-    process = _run(_command(workdir, sweep_dirs, "--only_report"), sweep_dirs)
+    exported = workdir.parent / "docs" / "RESULTS.md"
+    command = _command(workdir, sweep_dirs, "--only_report", f"--export_markdown={exported}")
+    process = _run(command, sweep_dirs)
 
     assert process.returncode == 0, process.stderr[-3000:]
     assert "starting" not in process.stderr
     assert _csv_rows(workdir) == rows_before
-    assert (
-        "this report: python -m jaxcl.experiments" in (workdir / report.MARKDOWN_FILE).read_text()
-    )
+    markdown = (workdir / report.MARKDOWN_FILE).read_text()
+    assert "this report: python -m jaxcl.experiments" in markdown
     assert (workdir / report.PLOT_FILE).exists()
+    # The exported copy is the same report, pointing at its own plot beside it.
+    assert exported.read_text() == markdown.replace(f"]({report.PLOT_FILE})", "](RESULTS.png)")
+    assert exported.with_name("RESULTS.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sigterm_exits_143_and_the_rerun_resumes_the_cell(sweep_dirs):

@@ -1,5 +1,6 @@
 """Run-time records, the stored-config check and the git commit."""
 
+import os
 import re
 import subprocess
 
@@ -12,16 +13,27 @@ from jaxcl.experiments import plan, records
 def test_sessions_add_up(tmp_path):
     run_dir = str(tmp_path / "cells" / "GD" / "tr1" / "c1" / "seed0")
     assert records.read_time(run_dir) is None
-    records.add_session(run_dir, 12.5, commit="a", finished=False)
-    record = records.add_session(run_dir, 30.0, commit="b", finished=True)
+    records.add_session(run_dir, 12.5, commit="a", finished=False, machine="m1")
+    record = records.add_session(run_dir, 30.0, commit="b", finished=True, machine="m2")
     assert record == records.read_time(run_dir)
     assert record == {
         "seconds": 42.5,
         "sessions": [
-            {"seconds": 12.5, "commit": "a", "finished": False},
-            {"seconds": 30.0, "commit": "b", "finished": True},
+            {"seconds": 12.5, "commit": "a", "finished": False, "machine": "m1"},
+            {"seconds": 30.0, "commit": "b", "finished": True, "machine": "m2"},
         ],
     }
+
+
+def test_machine_names_cores_and_jax_devices():
+    import jax
+
+    description = records.machine()
+    cores = len(os.sched_getaffinity(0))
+    assert description.startswith(f"{cores} CPU cores (")
+    assert f"{jax.device_count()} jax device" in description
+    assert jax.devices()[0].device_kind in description
+    assert description.endswith(f"(jax {jax.__version__})")
 
 
 def test_stored_config_allows_other_selections_and_data_locations(tmp_path):

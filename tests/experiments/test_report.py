@@ -13,7 +13,9 @@ from jaxcl.experiments import plan, records, report
 CLASS_NAMES = ["background", "RV", "Myo", "LV"]
 
 
-def _write_cell(workdir, cell, dice_by_subject, *, seconds=None, commit="c0ffee", done=True):
+def _write_cell(
+    workdir, cell, dice_by_subject, *, seconds=None, commit="c0ffee", done=True, machine="box"
+):
     cell_dir = plan.cell_dir(workdir, cell)
     os.makedirs(os.path.join(cell_dir, "evaluate"))
     results = evaluate.summarize(
@@ -25,7 +27,7 @@ def _write_cell(workdir, cell, dice_by_subject, *, seconds=None, commit="c0ffee"
         with open(os.path.join(cell_dir, "evaluate", "DONE.json"), "w") as file:
             json.dump({"mean_dice": results["mean"]}, file)
     if seconds is not None:
-        records.add_session(cell_dir, seconds, commit=commit, finished=done)
+        records.add_session(cell_dir, seconds, commit=commit, finished=done, machine=machine)
 
 
 def test_collect_reads_finished_cells_only(tmp_path):
@@ -56,10 +58,16 @@ def test_format_seconds():
 def test_provenance_names_command_commits_and_wall_time(tmp_path):
     workdir = str(tmp_path)
     records.check_stored_config(synthetic.get_config(), workdir, "python -m jaxcl.experiments --x")
-    records.add_session(os.path.join(workdir, "pretrain", "GD"), 100.0, commit="aaa", finished=True)
+    pretrain_dir = os.path.join(workdir, "pretrain", "GD")
+    records.add_session(pretrain_dir, 100.0, commit="aaa", finished=True, machine="box")
     _write_cell(workdir, plan.Cell("GD", "tr1", "c1", 0), {"044": [1, 1, 1]}, seconds=20.0)
     _write_cell(
-        workdir, plan.Cell("GD", "tr1", "c2", 0), {"044": [1, 1, 1]}, seconds=3.0, commit="aaa"
+        workdir,
+        plan.Cell("GD", "tr1", "c2", 0),
+        {"044": [1, 1, 1]},
+        seconds=3.0,
+        commit="aaa",
+        machine="other box",
     )
 
     lines = report.provenance(workdir, dataset="synthetic", command="report cmd", commit="aaa")
@@ -67,6 +75,7 @@ def test_provenance_names_command_commits_and_wall_time(tmp_path):
         "dataset: synthetic; sweep started with: python -m jaxcl.experiments --x",
         "this report: report cmd",
         "git commit: aaa (report); runs trained at aaa, c0ffee",
+        "machines: box; other box",
         "wall time: 0:02:03 (pre-training 0:01:40 in 1 runs, fine-tuning + evaluation 0:00:23 "
         "in 2 cells; summed over the sweep's recorded sessions)",
     ]
