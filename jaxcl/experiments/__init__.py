@@ -5,6 +5,8 @@
   records   run times, git commit and the config a sweep's workdir was started with
   table     results.csv rows and the paper's Markdown table (pure)
   plot      mean Dice against |X_tr| per initialisation
+  claims    the paper's four claims checked with paired per-subset differences (pure)
+  diagnostics  pre-training loss curves and fine-tuning validation: were the budgets enough?
   report    reads the finished cells and writes results.csv / results.md / results.png
 
 Command line: `python -m jaxcl.experiments --config=configs/<dataset>.py --workdir=DIR`

@@ -2,7 +2,8 @@
 
   WORKDIR/results.csv   one row per finished cell (`table.csv_text`), `# ` lines on top
   WORKDIR/results.md    the paper's table (`table.dice_table`), the plot, the paper's claims
-                        checked on the results (`claims`), then the config as JSON
+                        checked on the results (`claims`), the pre-training losses and
+                        fine-tuning validation (`diagnostics`), then the config as JSON
   WORKDIR/results.png   mean Dice against |X_tr| per initialisation (`plot.dice_figure`)
 
 Every finished cell in the workdir is reported (a cell is finished when its evaluate stage wrote
@@ -17,7 +18,7 @@ import json
 import logging
 
 from jaxcl import figures, files
-from jaxcl.experiments import claims, plan, plot, records, table
+from jaxcl.experiments import claims, diagnostics, plan, plot, records, table
 from jaxcl.train.trainer import DONE_FILE
 
 CSV_FILE = "results.csv"
@@ -122,6 +123,9 @@ def _markdown(
             "## The paper's claims",
             "",
             claims.claims_markdown(claims.check_claims(results)),
+            "## Were the budgets long enough?",
+            "",
+            diagnostics.diagnostics_markdown(*diagnostics.collect(workdir)),
         ]
     config_path = files.path(workdir) / records.CONFIG_FILE
     if config_path.exists():
