@@ -82,10 +82,12 @@ def test_shipped_configs_on_eight_devices(load_config, name, arg):
         "config.pretrain_local.num_slices=None: 10 slices (the strategy's paper value 10) do not "
         "split into whole slices over 8 devices; use a multiple of 8 (e.g. 8 or 16)",
     ]
-    if arg is None:  # quick fine-tunes with batch 8
+    batch = config.finetune.batch_size  # quick: 8; synthetic: 10 (CPU-sized); the paper's: 20
+    if batch != 8:
+        nearest = {10: "8 or 16", 20: "16 or 24"}[batch]
         expected.append(
-            "config.finetune.batch_size=20: 20 slices do not split into whole slices over 8 "
-            "devices; use a multiple of 8 (e.g. 16 or 24)"
+            f"config.finetune.batch_size={batch}: {batch} slices do not split into whole slices "
+            f"over 8 devices; use a multiple of 8 (e.g. {nearest})"
         )
     assert list(problems) == expected
     # The fixes it names make the config valid (MM-WHS, the smallest pool, has 10 volumes).

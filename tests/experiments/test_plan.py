@@ -6,7 +6,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import mmwhs, synthetic
+from configs import base, mmwhs, synthetic
 from jaxcl.experiments import plan
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -14,7 +14,9 @@ PAPER_INITS = ["random", "GR", "GD-", "GD", "BYOL", "BYOL-D", "GR+LR", "GR+LD", 
 
 
 def _config(**sweep):
+    """configs/synthetic.py with base.py's sweep (the paper's grid), then `sweep` overrides."""
     config = synthetic.get_config()
+    config.sweep = base.get_config().sweep
     for key, value in sweep.items():
         config.sweep[key] = value
     return config
@@ -46,6 +48,12 @@ def test_default_sweep_is_the_papers_grid():
     assert [(c.init, c.labelled_set, c.combination) for c in cells[:10]] == [
         (init, "tr1", "c1") for init in PAPER_INITS
     ]
+
+
+def test_synthetic_config_runs_three_subsets_per_size():
+    cells = [run.cell for run in plan.plan(synthetic.get_config(), "/w") if run.cell]
+    assert len(cells) == 10 * 3 * 3
+    assert {c.combination for c in cells} == {"c1", "c2", "c3"}
 
 
 def test_mmwhs_all_combinations_are_its_own():
