@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+import jax
 import ml_collections
 
 from jaxcl import files
@@ -131,6 +132,11 @@ def run_sweep(
             summaries = trainer.train_and_evaluate(run.config, run.workdir)
             finished = True
         finally:
+            # Every run jits its own step functions, and XLA:CPU keeps the machine code of each
+            # executable jax caches mapped: about 1,100 memory maps per cell, so a long sweep hit
+            # Linux's 65,530-map limit after ~60 runs (LLVM: "Cannot allocate memory"). Dropping
+            # jax's in-memory caches frees them; the next run reloads from the persistent cache.
+            jax.clear_caches()
             seconds = time.monotonic() - start
             if writes_files:
                 # All sessions of the run: the ETA is about whole runs.

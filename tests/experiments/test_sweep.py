@@ -133,6 +133,15 @@ def test_pretrainings_once_then_cells_and_reports(fake_trainer, tmp_path, caplog
     assert "mean test Dice 0.6720" in log
 
 
+def test_jax_caches_are_dropped_after_every_run(fake_trainer, monkeypatch, tmp_path):
+    calls_at_clear = []
+    monkeypatch.setattr(
+        sweep.jax, "clear_caches", lambda: calls_at_clear.append(len(fake_trainer.calls))
+    )
+    sweep.run_sweep(_config(combinations="c1"), str(tmp_path), command="c")
+    assert calls_at_clear == [1, 2, 3, 4, 5]  # 2 pre-trainings and 3 cells, each then cleared
+
+
 def test_rerun_trains_nothing_and_writes_the_same_results(fake_trainer, tmp_path):
     config, workdir = _config(), str(tmp_path)
     sweep.run_sweep(config, workdir, command="first")
