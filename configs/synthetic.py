@@ -35,11 +35,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Half the paper's widths: at 64x64 the paper's network is mostly overhead on CPU.
     config.model.filters = (8, 16, 32, 64, 64, 64)
 
-    # G^D's loss still falls fast at 300 steps (3.39 -> 2.91) and pre-training then does not
-    # help; at 1500 steps it reaches ~1.7 and does (docs/RESULTS.md).
+    # In a first trial with 300 steps the G^D loss still fell steeply and pre-training did not
+    # help; at 1500 steps it ends at 1.57, still falling, and does help (docs/RESULTS.md).
     config.pretrain_global.steps = 1500
     config.pretrain_local.steps = 500
-    # Random initialisation reaches its best validation Dice by ~450 steps (tr1).
+    # Random initialisation reaches its best validation Dice at 333-400 steps (docs/RESULTS.md).
     config.finetune.steps = 600
     config.finetune.batch_size = 10
     config.finetune.val_every = 50
