@@ -70,19 +70,6 @@ class Verdict:
     comparisons: tuple[Comparison, ...] = ()
 
 
-def subset_dice(results: Sequence[table.CellResult]) -> dict[tuple[str, str], dict[str, float]]:
-    """(init, labelled_set) -> subset -> mean test Dice of that cell (seeds averaged)."""
-    dice: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for result in results:
-        cell = result.cell
-        subsets = dice.setdefault((cell.init, cell.labelled_set), {})
-        subsets.setdefault(cell.combination, []).append(result.mean_dice)
-    return {
-        key: {subset: float(np.mean(values)) for subset, values in subsets.items()}
-        for key, subsets in dice.items()
-    }
-
-
 def compare(
     dice: dict[tuple[str, str], dict[str, float]], better: str, worse: str, labelled_set: str
 ) -> Comparison | None:
@@ -138,7 +125,7 @@ def _gain_trend(dice: dict[tuple[str, str], dict[str, float]]) -> Verdict:
 
 def check_claims(results: Sequence[table.CellResult]) -> list[Verdict]:
     """The four claims (module docstring) on a sweep's finished cells."""
-    dice = subset_dice(results)
+    dice = table.subset_dice(results)
     few_labels = [s for s in ("tr1", "tr2") if s in _sets(dice)]
     return [
         _verdict(

@@ -102,15 +102,24 @@ def _sort_key(result: CellResult) -> tuple:
     )
 
 
+def subset_dice(results: Sequence[CellResult]) -> dict[tuple[str, str], dict[str, float]]:
+    """(init, labelled_set) -> subset -> mean test Dice of that cell (seeds averaged)."""
+    dice: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for result in results:
+        cell = result.cell
+        subsets = dice.setdefault((cell.init, cell.labelled_set), {})
+        subsets.setdefault(cell.combination, []).append(result.mean_dice)
+    return {
+        key: {subset: float(np.mean(values)) for subset, values in subsets.items()}
+        for key, subsets in dice.items()
+    }
+
+
 def summarize(results: Sequence[CellResult]) -> dict[tuple[str, str], Entry]:
     """(init, labelled_set) -> mean ± std over subsets of the cells' mean Dice (seeds averaged)."""
-    by_subset: dict[tuple[str, str], dict[str, list[float]]] = {}
-    for result in results:
-        subsets = by_subset.setdefault((result.cell.init, result.cell.labelled_set), {})
-        subsets.setdefault(result.cell.combination, []).append(result.mean_dice)
     entries = {}
-    for key, subsets in by_subset.items():
-        subset_means = np.array([np.mean(dice) for dice in subsets.values()])
+    for key, subsets in subset_dice(results).items():
+        subset_means = np.array(list(subsets.values()))
         entries[key] = Entry(float(subset_means.mean()), float(subset_means.std()), len(subsets))
     return entries
 

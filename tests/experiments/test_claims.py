@@ -42,7 +42,7 @@ def _results(dice=DICE):
 
 
 def test_paired_differences_over_shared_subsets():
-    dice = claims.subset_dice(_results())
+    dice = table.subset_dice(_results())
     assert dice[("random", "tr1")] == pytest.approx({"c1": 0.5, "c2": 0.4})  # seeds averaged
     comparison = claims.compare(dice, "GD+LR", "GD", "tr1")
     assert comparison.differences == pytest.approx((0.05, -0.05))
