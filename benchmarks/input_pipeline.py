@@ -124,6 +124,7 @@ def main(argv) -> None:
         root=None,
         data_dir=data_dir,
         image_size=_IMAGE_SIZE.value,
+        slice_axis="axial",
         num_subjects=_NUM_SUBJECTS.value,
     )
     print(f"loaded {len(volumes)} volumes from {data_dir} in {time.perf_counter() - start:.1f} s")

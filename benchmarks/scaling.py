@@ -638,7 +638,7 @@ def protocol_section() -> None:
     """Hours of one protocol cell and of the ACDC sweep (`jaxcl.experiments.plan`) on one chip."""
     config = acdc.get_config()
     g, l, f = config.pretrain_global.steps, config.pretrain_local.steps, config.finetune.steps
-    chosen = plan.selection(config)
+    chosen = plan.selection(config, splits.paper_splits("acdc"))
     pretrainings = [
         (l, run.local_name) if run.local_name else (g, plan.GLOBAL_STRATEGIES[run.global_name])
         for run in plan.pretrainings(chosen.inits)

@@ -20,10 +20,30 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.dataset = "acdc"
     config.data.root = ""  # manually downloaded data (not needed for "synthetic")
     config.data.data_dir = ""  # TFDS data dir; "" means ~/tensorflow_datasets
+    # None (configs/folder.py): derived from the training cases (docs/DATA.md).
+    config.data.image_size = ml_collections.config_dict.placeholder(int)
     config.data.image_size = 192
+    config.data.target_resolution = ml_collections.config_dict.placeholder(float)
     config.data.target_resolution = 1.36719
+    # The axis slices are taken along, after reorienting to RAS: sagittal | coronal | axial, or
+    # auto: each volume's axis of largest spacing (axial when isotropic).
+    config.data.slice_axis = "auto"
     config.data.frame = "ED"  # ACDC / synthetic cardiac phase
     config.data.n4 = False
+    config.data.channel = 0  # image channel of multi-channel "folder" data (nnU-Net _0000 = 0)
+    # "folder" only: extra folders of unlabelled NIfTI images for pre-training (comma-separated).
+    config.data.unlabelled_roots = ""
+    # "folder" only: the splits (jaxcl.data.folder_splits, docs/DATA.md). Empty ids: automatic.
+    config.data.splits = ml_collections.ConfigDict()
+    config.data.splits.file = ""  # a splits.json of an earlier run (WORKDIR/splits.json)
+    config.data.splits.test = ""  # comma-separated case ids
+    config.data.splits.val = ""
+    config.data.splits.labelled = ""  # "tr1-c1=case_a; tr2-c1=case_a,case_b"
+    config.data.splits.pretrain = ""  # default: every image that is not a test case
+    config.data.splits.labelled_sizes = "1,2,8"
+    config.data.splits.combinations_per_size = 3
+    config.data.splits.test_fraction = 0.2
+    config.data.splits.num_val = 2
     config.data.n_partitions = 4
     config.data.labelled_set = "tr1"  # tr1 | tr2 | tr8
     config.data.combination = "c1"
@@ -71,6 +91,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.finetune.val_every = 50
     config.finetune.encoder_from = ml_collections.config_dict.placeholder(str)  # as above
     config.finetune.decoder_from = ml_collections.config_dict.placeholder(str)
+
+    # What the evaluate stage scores: model_from None is this workdir's fine-tuned model, else any
+    # fine-tuning export (or a workdir); split is "test", "val", a labelled set ("tr1-c1") or
+    # "labelled" (every labelled case of config.data, e.g. another dataset's).
+    config.evaluate = ml_collections.ConfigDict()
+    config.evaluate.model_from = ml_collections.config_dict.placeholder(str)
+    config.evaluate.split = "test"
 
     config.parallel = ml_collections.ConfigDict()
     config.parallel.mode = "pmap"  # pmap | shard_map

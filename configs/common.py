@@ -6,7 +6,8 @@ import ml_collections
 def shrink(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Tiny network, small images, a few steps per stage and 3 sweep cells: tests the machinery."""
     config.data.image_size = 64
-    config.data.target_resolution = config.data.target_resolution * 3
+    if config.data.target_resolution is not None:  # None: derived from the data (folder)
+        config.data.target_resolution = config.data.target_resolution * 3
     config.model.filters = (8, 8, 16, 16, 16, 16)
     config.model.global_hidden_features = 64
     config.model.embedding_features = 32

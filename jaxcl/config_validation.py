@@ -7,7 +7,7 @@ or pre-training. The sections of the stages in `config.stages` are checked (thei
 `num_devices`), and the data, model and augment sections that every stage uses.
 
 The rules stay where they live: the checks call the functions that would raise later
-(`recipes.batch_recipe`, `splits.get_split`, `local.region_positions`, `augment.AugmentConfig`,
+(`recipes.batch_recipe`, `Splits.get`, `local.region_positions`, `augment.AugmentConfig`,
 ...) and turn their ValueError into an entry; written here are only the checks that otherwise
 fail inside a stage (batches that do not split over the devices, a missing export folder).
 """
@@ -22,7 +22,10 @@ from typing import Any
 import ml_collections
 
 from jaxcl import augment, files
-from jaxcl.data import sources, splits
+from jaxcl.data import sources
+from jaxcl.data import splits as dataset_splits
+from jaxcl.data.preprocess import SLICE_AXES
+from jaxcl.data.splits import Splits
 from jaxcl.losses import local
 from jaxcl.models import unet
 from jaxcl.train import parallel, recipes, schedules
@@ -142,7 +145,7 @@ def _general_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
     yield from _positive(config, _POSITIVE)
 
 
-def _data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+def _data_problems(config: ml_collections.ConfigDict, splits: Splits | None) -> Iterator[str]:
     data = config.data
     if not _fits_unet(data.image_size):
         size = data.image_size if isinstance(data.image_size, int) else 0
@@ -154,16 +157,29 @@ def _data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             f"{unet.NUM_POOLS} times)",
             f"use e.g. {' or '.join(map(str, nearest))}",
         )
-    if message := _raised(lambda: splits.combinations(data.dataset, "pretrain")):
-        yield _entry("data.dataset", data.dataset, message)
-        return
-    names = [n for n in splits.SPLIT_NAMES if n != "val" and splits.combinations(data.dataset, n)]
+    if data.slice_axis not in ("auto", *SLICE_AXES):
+        yield _problem(
+            "data.slice_axis", data.slice_axis, "unknown", f"use auto or one of {SLICE_AXES}"
+        )
+    if splits is None:
+        if message := _raised(lambda: dataset_splits.paper_splits(data.dataset)):
+            yield _entry("data.dataset", data.dataset, message)
+            return
+        splits = dataset_splits.paper_splits(data.dataset)
+    elif data.dataset != "folder" and _custom_splits(data):
+        yield _problem(
+            "data.splits",
+            "...",
+            f"{data.dataset} has the paper's fixed splits",
+            "leave config.data.splits at its defaults (they are for the 'folder' dataset)",
+        )
+    names = list(splits.labelled)
     if data.labelled_set not in names:
         yield _problem("data.labelled_set", data.labelled_set, "unknown", f"use one of {names}")
-    elif message := _raised(
-        lambda: splits.get_split(data.dataset, data.labelled_set, data.combination)
-    ):
+    elif message := _raised(lambda: splits.get(data.labelled_set, data.combination)):
         yield _entry("data.combination", data.combination, message)
+    if data.dataset == "folder":
+        return  # DataContext has found the folder's subjects and read its dataset.json
     options = {"frame": data.frame} if data.dataset in _FRAME_DATASETS else {}
     if message := _raised(lambda: sources.get_layout(data.dataset, None, **options)):
         yield _entry("data.frame", data.frame, message)
@@ -178,6 +194,11 @@ def _data_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             "evaluation writes its predictions on the grid of the downloaded images",
             f"set it to the dataset folder. {sources.download_instructions(data.dataset)}",
         )
+
+
+def _custom_splits(data: ml_collections.ConfigDict) -> bool:
+    """Whether `data.splits` names cases (meaningful for 'folder' datasets only)."""
+    return any(data.splits[key] for key in ("file", "test", "val", "labelled", "pretrain"))
 
 
 def _model_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
@@ -221,7 +242,7 @@ def _pretraining_problems(
             yield _problem(f"{stage}.{key}", cfg[key], "must be positive", "None: paper value")
             return
     try:
-        recipe = recipes.batch_recipe(cfg, stage)
+        recipe = recipes.batch_recipe(cfg, stage, pool_volumes)
     except ValueError as error:
         yield _entry(f"{stage}.strategy", cfg.strategy, str(error))
         return
@@ -285,12 +306,18 @@ def _source_problems(config: ml_collections.ConfigDict, stage: str) -> Iterator[
 
 
 def validate(
-    config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int = 1
+    config: ml_collections.ConfigDict,
+    *,
+    num_devices: int,
+    num_processes: int = 1,
+    splits: Splits | None = None,
 ) -> None:
     """Raises ConfigError listing every impossible value of `config`; loads no data.
 
     Args:
-      config: a run's config (`configs/<dataset>.py` with its overrides).
+      config: a run's config (`configs/<dataset>.py` with its overrides), its data settings
+        resolved (`jaxcl.data.context.DataContext.config`).
+      splits: the run's splits (`DataContext.splits`); None: the paper's splits of the dataset.
       num_devices: all devices of the run (`jax.device_count()`): every global batch is split
         into this many equal parts of whole slices / volumes / volume pairs.
       num_processes: processes of the run (`jax.process_count()`), named in the messages.
@@ -298,9 +325,14 @@ def validate(
     devices = f"{num_devices} devices"
     if num_processes > 1:
         devices += f" ({num_processes} processes x {num_devices // num_processes} local)"
-    problems = [*_general_problems(config), *_data_problems(config), *_model_problems(config)]
-    known = not _raised(lambda: splits.combinations(config.data.dataset, "pretrain"))
-    pool_volumes = len(splits.get_split(config.data.dataset, "pretrain")) if known else None
+    problems = [
+        *_general_problems(config),
+        *_data_problems(config, splits),
+        *_model_problems(config),
+    ]
+    if splits is None and dataset_splits.has_paper_splits(config.data.dataset):
+        splits = dataset_splits.paper_splits(config.data.dataset)
+    pool_volumes = len(splits.pretrain) if splits is not None else None
     for stage in ("pretrain_global", "pretrain_local"):
         if stage in config.stages:
             problems += _pretraining_problems(config, stage, num_devices, devices, pool_volumes)

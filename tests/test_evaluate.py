@@ -76,7 +76,11 @@ def _write_dataset(root, shape_xyz, spacing, num_subjects=2):
 def _load(subjects, layout, target_resolution, image_size):
     return [
         preprocess.load_volume(
-            s, layout, target_resolution=target_resolution, image_size=image_size
+            s,
+            layout,
+            target_resolution=target_resolution,
+            image_size=image_size,
+            slice_axis="auto",
         )
         for s in subjects
     ]

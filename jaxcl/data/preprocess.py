@@ -1,17 +1,23 @@
-"""Per-volume preprocessing (SPEC §7) and its inverse for predictions (SPEC §9).
+"""Per-volume preprocessing and its inverse for predictions (docs/DATA.md).
 
-Forward, per volume: percentile normalisation (x - P1) / (P99 - P1) -> each slice resampled
-in-plane to the target resolution (linear for images, nearest for labels; slice spacing unchanged)
--> centre crop / zero pad to the target size. Optional N4 bias correction runs first, on the raw
-intensities.
+Forward, per volume: reorientation to the closest canonical (RAS) orientation and the chosen slice
+axis -> optional N4 bias correction of the raw intensities -> percentile normalisation
+(x - P1) / (P99 - P1) -> each slice resampled in-plane to the target resolution (linear for
+images, nearest for labels; slice spacing unchanged) -> centre crop / zero pad to the target size.
 
-Array layout. NIfTI data is indexed (X, Y, Z) with Z the slice axis; the network arrays are
-(Z, H, W) = transpose(data, (2, 0, 1)), so H is the NIfTI X axis and W the Y axis. Volumes are not
-reoriented to a canonical orientation: every step is a pure in-plane index operation, so
-`to_native` maps predictions back onto exactly the original voxel grid and the prediction NIfTI
-reuses the original affine and header unchanged (SPEC §9). The cost is that slices of differently
-oriented scans may appear flipped or transposed relative to each other, which the fine-tuning
-augmentations (flips, rotations) already cover.
+Array layout. NIfTI data is indexed by voxel axes (X, Y, Z) in whatever order and direction the
+file was stored. `nibabel.orientations.io_orientation(affine)` names, per voxel axis, the closest
+world axis (R, A, S) and whether the axis runs the opposite way; permuting the voxel axes into
+R, A, S order and reversing the opposite ones gives the canonical array (as
+`nib.as_closest_canonical`, but as pure index operations). The network arrays are (Z, H, W): Z
+runs along the slice axis, one of `SLICE_AXES` = ("sagittal", "coronal", "axial") = canonical axes
+R, A, S, or "auto": each volume's own axis of largest spacing (`resolve_slice_axis`, axial when
+isotropic within 10%), and H, W are the two other canonical axes in R, A, S order (axial: H = R,
+W = A). A
+volume stored with permuted or flipped axes, or under an oblique affine, therefore gives the same
+slices in the same order. An already canonical volume sliced axially is transpose(data, (2, 0, 1)).
+`Geometry` keeps the permutation and flips, so `to_native` maps predictions back onto exactly the
+original voxel grid and the prediction NIfTI reuses the original affine and header unchanged.
 
 Resampling uses `scipy.ndimage.zoom(..., grid_mode=True, mode="nearest")` in both directions:
 output pixel o of an axis resized from n to m samples reads input coordinate
@@ -22,8 +28,10 @@ interpolation; at zoom 1 it is the identity.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import zlib
+from collections.abc import Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -31,8 +39,10 @@ import scipy.ndimage
 
 from jaxcl.data.sources import DataError, DatasetLayout, Subject
 
-# (X, Y, Z) NIfTI axes -> (Z, H, W) network axes.
-_NIFTI_TO_NETWORK = (2, 0, 1)
+# Canonical (RAS) axis 0, 1, 2 is the normal of sagittal, coronal, axial slices.
+SLICE_AXES = ("sagittal", "coronal", "axial")
+# A volume whose largest spacing is within this factor of its smallest counts as isotropic.
+_ISOTROPY_TOLERANCE = 1.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +52,12 @@ class Geometry:
     Attributes:
       affine: (4, 4) voxel-to-world matrix of the original image.
       native_shape: (3,) NIfTI shape (X, Y, Z).
-      spacing: (3,) voxel size in mm along X, Y, Z.
+      spacing: (3,) voxel size in mm along X, Y, Z (header order, not permuted).
       resampled_shape: (2,) in-plane shape (H, W) after resampling, before crop/pad.
       offsets: (2,) index in the resampled frame of crop/pad output pixel 0 along H and W
         (positive: cropped, negative: padded).
-      axes: (3,) permutation taking the NIfTI axes to the network axes (Z, H, W).
+      axes: (3,) NIfTI voxel axis of each network axis (Z, H, W).
+      flips: (3,) per network axis (Z, H, W), whether it runs opposite to its voxel axis.
     """
 
     affine: np.ndarray
@@ -54,7 +65,18 @@ class Geometry:
     spacing: tuple[float, float, float]
     resampled_shape: tuple[int, int]
     offsets: tuple[int, int]
-    axes: tuple[int, int, int] = _NIFTI_TO_NETWORK
+    axes: tuple[int, int, int] = (2, 0, 1)
+    flips: tuple[bool, bool, bool] = (False, False, False)
+
+    @property
+    def network_shape(self) -> tuple[int, int, int]:
+        """(3,) native shape in network axis order (Z, H, W)."""
+        return tuple(self.native_shape[a] for a in self.axes)
+
+    @property
+    def inplane_spacing(self) -> tuple[float, float]:
+        """(2,) native voxel size in mm along the network axes H and W."""
+        return (self.spacing[self.axes[1]], self.spacing[self.axes[2]])
 
     def to_dict(self) -> dict[str, np.ndarray]:
         """Fixed-shape numeric arrays (storable as TFDS Tensor features)."""
@@ -65,6 +87,7 @@ class Geometry:
             "resampled_shape": np.asarray(self.resampled_shape, np.int64),
             "offsets": np.asarray(self.offsets, np.int64),
             "axes": np.asarray(self.axes, np.int64),
+            "flips": np.asarray(self.flips, np.int64),
         }
 
     @classmethod
@@ -81,6 +104,7 @@ class Geometry:
             resampled_shape=ints("resampled_shape"),
             offsets=ints("offsets"),
             axes=ints("axes"),
+            flips=tuple(bool(v) for v in ints("flips")),
         )
 
 
@@ -99,6 +123,111 @@ class Volume:
     image: np.ndarray
     label: np.ndarray | None
     geometry: Geometry
+
+
+# Orientation --------------------------------------------------------------------------------
+
+
+def canonical_orientation(affine: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Closest canonical (RAS) orientation of a voxel grid.
+
+    Args:
+      affine: (4, 4) voxel-to-world matrix.
+
+    Returns:
+      voxel_axes: (3,) for each canonical axis R, A, S, the voxel axis closest to it.
+      reversed: (3,) for each canonical axis, whether that voxel axis points the opposite way.
+    """
+    ornt = nib.orientations.io_orientation(np.asarray(affine, np.float64))
+    if np.isnan(ornt).any():
+        raise DataError(
+            f"the affine {np.asarray(affine).tolist()} is degenerate (a voxel axis has no "
+            "direction in space); fix the header's qform/sform."
+        )
+    voxel_axes, reversed_ = [0, 0, 0], [False, False, False]
+    for voxel_axis, (ras_axis, direction) in enumerate(ornt):
+        voxel_axes[int(ras_axis)] = voxel_axis
+        reversed_[int(ras_axis)] = bool(direction < 0)
+    return tuple(voxel_axes), tuple(reversed_)
+
+
+def _check_slice_axis(slice_axis: str) -> None:
+    if slice_axis not in SLICE_AXES:
+        raise DataError(
+            f"slice_axis={slice_axis!r} is not one of {SLICE_AXES}; set data.slice_axis to one of "
+            "them or 'auto' (resolved per volume by resolve_slice_axis)."
+        )
+
+
+def resolve_slice_axis(slice_axis: str, affine: np.ndarray, spacing: Sequence[float]) -> str:
+    """`slice_axis`, or for "auto" the volume's canonical axis of largest spacing.
+
+    Per volume, so that stacks whose slice normal is closest to different RAS axes (oblique
+    cardiac short-axis stacks) are all cut along their thick axis; isotropic volumes: axial.
+
+    Args:
+      slice_axis: "auto" or one of `SLICE_AXES`.
+      affine: (4, 4) voxel-to-world matrix.
+      spacing: (3,) voxel sizes in mm along X, Y, Z.
+    """
+    if slice_axis != "auto":
+        _check_slice_axis(slice_axis)
+        return slice_axis
+    voxel_axes = canonical_orientation(affine)[0]
+    return auto_slice_axis([float(spacing[a]) for a in voxel_axes])
+
+
+def network_orientation(
+    affine: np.ndarray, slice_axis: str
+) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Voxel axis and direction of each network axis (Z, H, W) (see the module docstring).
+
+    Args:
+      affine: (4, 4) voxel-to-world matrix.
+      slice_axis: one of `SLICE_AXES`.
+
+    Returns:
+      axes: (3,) NIfTI voxel axis of Z, H and W.
+      flips: (3,) whether Z, H and W run opposite to their voxel axes.
+    """
+    _check_slice_axis(slice_axis)
+    slice_ras = SLICE_AXES.index(slice_axis)
+    ras_order = (slice_ras, *(a for a in range(3) if a != slice_ras))
+    voxel_axes, reversed_ = canonical_orientation(affine)
+    return tuple(voxel_axes[a] for a in ras_order), tuple(reversed_[a] for a in ras_order)
+
+
+def auto_slice_axis(spacing_ras: Sequence[float]) -> str:
+    """The canonical axis of largest spacing; "axial" for isotropic volumes (within 10%).
+
+    Args:
+      spacing_ras: (3,) voxel size in mm along the canonical axes R, A, S.
+
+    Ties prefer axial, then coronal.
+    """
+    spacing = np.asarray(spacing_ras, np.float64)
+    if spacing.max() <= _ISOTROPY_TOLERANCE * spacing.min():
+        return "axial"
+    return SLICE_AXES[2 - int(np.argmax(spacing[::-1]))]
+
+
+def _flip_index(flips: Sequence[bool]) -> tuple[slice, ...]:
+    return tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)
+
+
+def to_network(volume: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    """(X, Y, Z, ...) voxel array -> (Z, H, W, ...) network array (a view; trailing axes kept)."""
+    order = (*axes, *range(3, volume.ndim))
+    return np.transpose(volume, order)[_flip_index(flips)]
+
+
+def from_network(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    """Inverse of `to_network`: (Z, H, W, ...) -> (X, Y, Z, ...) (a view)."""
+    back = tuple(int(i) for i in np.argsort(axes))
+    return np.transpose(array[_flip_index(flips)], (*back, *range(3, array.ndim)))
+
+
+# Pure array functions -----------------------------------------------------------------------
 
 
 def normalise_intensity(volume: np.ndarray, lower: float = 1.0, upper: float = 99.0) -> np.ndarray:
@@ -199,7 +328,9 @@ def partition_ids(num_slices: int, n_partitions: int) -> np.ndarray:
 
 
 def n4_bias_correction(volume: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """N4 bias field correction of an (X, Y, Z) volume (convergence 0.001, 4 levels x 50 its).
+    """N4 bias field correction of a 3D volume (convergence 0.001, 4 levels x 50 its).
+
+    `spacing` is the voxel size in mm along the volume's three axes, in its axis order.
 
     Needs SimpleITK (`pip install jaxcl[n4]`). The foreground mask is an Otsu threshold.
     """
@@ -220,42 +351,170 @@ def n4_bias_correction(volume: np.ndarray, spacing: tuple[float, float, float]) 
     return SimpleITK.GetArrayFromImage(corrected).transpose(2, 1, 0)
 
 
-def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """(data, affine (4, 4), voxel sizes) of a NIfTI file; DataError naming it if unreadable.
+# NIfTI files ----------------------------------------------------------------------------------
 
-    The data is read here too, so corrupt or truncated compressed data is caught, not only a bad
-    header.
-    """
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Turns the errors of reading NIfTI file `path` into one-line DataErrors naming it."""
     try:
-        image = nib.load(path)
-        data = np.asanyarray(image.dataobj)
+        yield
+    except DataError:
+        raise
     except FileNotFoundError as e:
         raise DataError(f"{path} does not exist; check the dataset root.") from e
     except (nib.filebasedimages.ImageFileError, OSError, EOFError, ValueError, zlib.error) as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
         raise DataError(
-            f"{path} is not a readable NIfTI file ({type(e).__name__}: {e}); it is probably "
-            "corrupt or truncated, download or extract it again."
+            f"{path} is not a readable NIfTI file ({reason}); it is probably corrupt or "
+            "truncated, download or extract it again."
         ) from e
+
+
+def _load_nifti(path: str) -> nib.Nifti1Pair:
+    image = nib.load(path)
+    if not isinstance(image, nib.Nifti1Pair):  # Nifti2 images are Nifti1Pair subclasses too
+        raise DataError(
+            f"{path} is a {type(image).__name__}, not a NIfTI file; convert it to .nii.gz."
+        )
+    return image
+
+
+def read_header(path: str) -> tuple[tuple[int, ...], np.ndarray, tuple[float, ...]]:
+    """(data shape, affine (4, 4) float64, voxel sizes) of a NIfTI file, without its data.
+
+    Raises DataError naming the file if it is missing, not NIfTI or has an unreadable header.
+    """
+    with _reading(path):
+        image = _load_nifti(path)
+        return (
+            tuple(int(n) for n in image.shape),
+            np.asarray(image.affine, np.float64),
+            tuple(float(z) for z in image.header.get_zooms()),
+        )
+
+
+def read_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """(data of any ndim, affine (4, 4) float64, voxel sizes) of a NIfTI file.
+
+    The data is read here too, so corrupt or truncated compressed data is caught, not only a bad
+    header. Raises DataError naming the file if it is missing, not NIfTI or unreadable.
+    """
+    with _reading(path):
+        image = _load_nifti(path)
+        data = np.asanyarray(image.dataobj)
     return data, np.asarray(image.affine, np.float64), tuple(image.header.get_zooms())
 
 
-def _as_3d(data: np.ndarray, channel: int | None, path: str) -> np.ndarray:
-    """(X, Y, Z) from a 3D array or a 4D one (take `channel`, or squeeze a singleton 4th axis)."""
+def select_channel(data: np.ndarray, channel: int | None, path: str) -> np.ndarray:
+    """(X, Y, Z) from a 3D array, or from a 4D one: its `channel`, or its only channel.
+
+    Args:
+      data: (X, Y, Z) or (X, Y, Z, C) array read from `path`.
+      channel: channel of 4D data to take (None: 4D data must have one channel).
+      path: the file, named in errors.
+    """
     if data.ndim == 4 and channel is not None:
-        if channel >= data.shape[3]:
+        if not 0 <= channel < data.shape[3]:
             raise DataError(
                 f"{path} has {data.shape[3]} channels, channel {channel} was requested; choose "
-                "a channel that exists."
+                "a channel that exists (config key data.channel)."
             )
         return data[..., channel]
     if data.ndim == 4 and data.shape[3] == 1:
         return data[..., 0]
+    if data.ndim == 4:
+        raise DataError(
+            f"{path} has {data.shape[3]} channels (shape {data.shape}); choose one with the "
+            "layout's channel option (config key data.channel), or store one channel per file."
+        )
     if data.ndim != 3:
         raise DataError(
-            f"{path} has shape {data.shape}, a 3D (X, Y, Z) volume was expected; convert it to "
-            "3D (one channel, one time frame)."
+            f"{path} is {data.ndim}D (shape {data.shape}), a 3D (X, Y, Z) volume is expected; "
+            "convert it to a 3D volume."
         )
     return data
+
+
+def read_classes(
+    label_path: str, layout: DatasetLayout, image_path: str, native_shape: Sequence[int]
+) -> np.ndarray:
+    """(X, Y, Z) uint8 class indices of a label file that covers the image's voxel grid."""
+    raw = select_channel(read_nifti(label_path)[0], None, label_path)
+    if raw.shape != tuple(native_shape):
+        raise DataError(
+            f"label {label_path} has shape {raw.shape} but image {image_path} has (X, Y, Z) "
+            f"shape {tuple(native_shape)}; they must cover the same voxel grid (check that the "
+            "files belong together)."
+        )
+    return layout.class_indices(raw, label_path)
+
+
+# Preprocessing --------------------------------------------------------------------------------
+
+
+def preprocess_image(
+    native: np.ndarray,
+    affine: np.ndarray,
+    spacing: Sequence[float],
+    *,
+    target_resolution: float,
+    image_size: int,
+    slice_axis: str,
+    n4: bool = False,
+) -> tuple[np.ndarray, Geometry]:
+    """Preprocesses one image volume (see the module docstring).
+
+    Args:
+      native: (X, Y, Z) raw intensities.
+      affine: (4, 4) voxel-to-world matrix of the image.
+      spacing: header voxel sizes in mm along X, Y, Z (further entries are ignored).
+      target_resolution: in-plane voxel size in mm after resampling.
+      image_size: in-plane size S after centre crop / zero pad.
+      slice_axis: one of `SLICE_AXES`, or "auto" (see `resolve_slice_axis`).
+      n4: apply N4 bias correction to the raw intensities (needs SimpleITK).
+
+    Returns:
+      (Z, S, S) float32 normalised image and its Geometry.
+
+    Raises:
+      DataError for non-positive spacings or a degenerate affine (the caller names the file).
+    """
+    if native.ndim != 3:
+        raise ValueError(f"native must be (X, Y, Z), got shape {native.shape}; see select_channel.")
+    spacing = tuple(float(s) for s in spacing[:3])
+    if len(spacing) < 3 or min(spacing) <= 0:
+        raise DataError(
+            f"voxel sizes {spacing} in the image header are not 3 positive numbers; positive "
+            "X, Y, Z spacings (pixdim) are needed to resample, fix the header."
+        )
+    axes, flips = network_orientation(affine, resolve_slice_axis(slice_axis, affine, spacing))
+    image = to_network(np.asarray(native, np.float32), axes, flips)
+    if n4:
+        image = n4_bias_correction(image, tuple(spacing[a] for a in axes))
+    spacing_hw = (spacing[axes[1]], spacing[axes[2]])
+    image = resample_inplane(normalise_intensity(image), spacing_hw, target_resolution, order=1)
+    resampled_shape = (image.shape[1], image.shape[2])
+    image, offsets = crop_or_pad(image, image_size)
+    geometry = Geometry(
+        affine=np.asarray(affine, np.float64),
+        native_shape=tuple(int(n) for n in native.shape),
+        spacing=spacing,
+        resampled_shape=resampled_shape,
+        offsets=offsets,
+        axes=axes,
+        flips=flips,
+    )
+    return image, geometry
+
+
+def preprocess_label(
+    classes: np.ndarray, geometry: Geometry, *, target_resolution: float, image_size: int
+) -> np.ndarray:
+    """(X, Y, Z) class indices -> (Z, S, S) uint8, on the grid of the image of `geometry`."""
+    network = to_network(np.asarray(classes, np.uint8), geometry.axes, geometry.flips)
+    network = resample_inplane(network, geometry.inplane_spacing, target_resolution, order=0)
+    return crop_or_pad(network, image_size)[0]
 
 
 def load_volume(
@@ -264,55 +523,44 @@ def load_volume(
     *,
     target_resolution: float,
     image_size: int,
+    slice_axis: str,
     n4: bool = False,
 ) -> Volume:
-    """Reads one subject's NIfTI files and preprocesses them (SPEC §7).
+    """Reads one subject's NIfTI files and preprocesses them (docs/DATA.md).
 
     Args:
       subject: file paths, from `layout.find_subjects`.
       layout: the dataset's layout (label map, channel of 4D images).
       target_resolution: in-plane voxel size in mm after resampling.
       image_size: in-plane size after centre crop / zero pad.
+      slice_axis: one of `SLICE_AXES`, or "auto" (see `resolve_slice_axis`).
       n4: apply N4 bias correction first (needs SimpleITK).
 
     Returns:
       Volume with image (Z, image_size, image_size) float32, label uint8 or None, geometry.
     """
-    data, affine, zooms = _read_nifti(subject.image_path)
-    native = _as_3d(data, layout.channel, subject.image_path).astype(np.float32)
-    spacing = tuple(float(s) for s in zooms[:3])
-    if len(spacing) < 3 or min(spacing) <= 0:
-        raise DataError(
-            f"{subject.image_path} has voxel sizes {spacing} in its header; positive X, Y, Z "
-            "spacings (pixdim) are needed to resample, fix the header."
+    if slice_axis != "auto":
+        _check_slice_axis(slice_axis)
+    data, affine, zooms = read_nifti(subject.image_path)
+    native = select_channel(data, layout.channel, subject.image_path).astype(np.float32)
+    try:
+        image, geometry = preprocess_image(
+            native,
+            affine,
+            zooms,
+            target_resolution=target_resolution,
+            image_size=image_size,
+            slice_axis=slice_axis,
+            n4=n4,
         )
-    if n4:
-        native = n4_bias_correction(native, spacing)
-    image = np.transpose(normalise_intensity(native), _NIFTI_TO_NETWORK)
-    image = resample_inplane(image, spacing[:2], target_resolution, order=1)
-    resampled_shape = (image.shape[1], image.shape[2])
-    image, offsets = crop_or_pad(image, image_size)
-
+    except DataError as e:
+        raise DataError(f"{subject.image_path}: {e}") from e
     label = None
     if subject.label_path is not None:
-        raw = _as_3d(_read_nifti(subject.label_path)[0], None, subject.label_path)
-        if raw.shape != native.shape:
-            raise DataError(
-                f"label {subject.label_path} has shape {raw.shape} but image "
-                f"{subject.image_path} has (X, Y, Z) shape {native.shape}; they must cover the "
-                "same voxel grid (check that the files belong together)."
-            )
-        classes = np.transpose(layout.class_indices(raw, subject.label_path), _NIFTI_TO_NETWORK)
-        classes = resample_inplane(classes, spacing[:2], target_resolution, order=0)
-        label, _ = crop_or_pad(classes, image_size)
-
-    geometry = Geometry(
-        affine=affine,
-        native_shape=tuple(int(n) for n in native.shape),
-        spacing=spacing,
-        resampled_shape=resampled_shape,
-        offsets=offsets,
-    )
+        classes = read_classes(subject.label_path, layout, subject.image_path, native.shape)
+        label = preprocess_label(
+            classes, geometry, target_resolution=target_resolution, image_size=image_size
+        )
     return Volume(subject.subject_id, image, label, geometry)
 
 
@@ -321,21 +569,21 @@ def to_native(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
 
     Un-crops / un-pads into the resampled frame (outside the crop window: background with
     probability 1, since nothing was predicted there), resizes linearly to the native in-plane
-    grid and transposes to NIfTI axis order, so argmax over the last axis is a label volume
-    aligned with the original affine.
+    grid and undoes the reorientation, so argmax over the last axis is a label volume on exactly
+    the original voxel grid, aligned with the original affine.
 
     Args:
       probabilities: (Z, S, S, C) per-class probabilities (softmax output).
       geometry: the volume's Geometry.
 
     Returns:
-      (X, Y, Z, C) float32.
+      (X, Y, Z, C) float32, in the original voxel order.
     """
-    native_network = tuple(geometry.native_shape[a] for a in geometry.axes)
-    if probabilities.ndim != 4 or probabilities.shape[0] != native_network[0]:
+    network_shape = geometry.network_shape
+    if probabilities.ndim != 4 or probabilities.shape[0] != network_shape[0]:
         raise ValueError(
             f"probabilities of shape {probabilities.shape} do not match a volume of "
-            f"{native_network[0]} slices; expected (Z, S, S, C)."
+            f"{network_shape[0]} slices; expected (Z, S, S, C)."
         )
     probabilities = np.asarray(probabilities, np.float32)
     frame = uncrop_or_unpad(probabilities, geometry.offsets, geometry.resampled_shape)
@@ -343,6 +591,5 @@ def to_native(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
         np.ones(probabilities.shape[:3], np.float32), geometry.offsets, geometry.resampled_shape
     )
     frame[..., 0] += 1.0 - covered
-    native = resize_inplane(frame, native_network[1:], order=1)
-    back = tuple(int(i) for i in np.argsort(geometry.axes))
-    return np.transpose(native, (*back, 3))
+    native = resize_inplane(frame, network_shape[1:], order=1)
+    return from_network(native, geometry.axes, geometry.flips)

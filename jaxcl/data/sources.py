@@ -11,7 +11,9 @@ label path or None for unlabelled images) and maps raw on-disk label values to c
   mmwhs      MM-WHS 2017 MR: mr_train_10XX_image.nii.gz + mr_train_10XX_label.nii.gz (in ROOT or
              ROOT/mr_train); mr_test_20XX_image.nii.gz images are unlabelled.
   folder     MSD / nnU-Net style: ROOT/imagesTr + ROOT/labelsTr + ROOT/dataset.json (labels from
-             dataset.json; nnU-Net `_0000` channel suffixes handled); imagesTs/ unlabelled.
+             dataset.json; nnU-Net `_0000` channel suffixes handled); imagesTs/ and the folders
+             of the `unlabelled_roots` option (cases named "<folder name>/<case>") are
+             unlabelled images.
   synthetic  the built-in synthetic cardiac set, written in the ACDC layout (patient000-059).
 
 Every user-facing error in the data layer is a `DataError` whose message names the file or key
@@ -90,6 +92,7 @@ class DatasetLayout:
       image_size: default in-plane size after crop/pad (None: must come from the config).
       finder: root -> subjects found there (unsorted; may be empty).
       channel: channel taken from 4D images (None: images are expected to be 3D).
+      num_channels: channels of the dataset's images (1 for 3D images).
     """
 
     name: str
@@ -99,6 +102,7 @@ class DatasetLayout:
     image_size: int | None
     finder: Callable[[str], list[Subject]] = dataclasses.field(repr=False, compare=False)
     channel: int | None = None
+    num_channels: int = 1
 
     @property
     def num_classes(self) -> int:
@@ -173,8 +177,9 @@ def get_layout(name: str, root: str | None = None, **options) -> DatasetLayout:
     Args:
       name: "acdc", "prostate", "mmwhs", "folder" or "synthetic".
       root: dataset root; required by "folder" (its labels come from ROOT/dataset.json).
-      **options: layout options: acdc/synthetic `frame` ("ED" or "ES"), folder `channel` (int,
-        which image channel to use for multi-channel data, default 0).
+      **options: layout options: acdc/synthetic `frame` ("ED" or "ES"); folder `channel` (int,
+        which image channel to use for multi-channel data, default 0) and `unlabelled_roots`
+        (folders of extra unlabelled NIfTI images for pre-training).
     """
     if name not in _LAYOUT_FACTORIES:
         raise DataError(
@@ -197,12 +202,12 @@ def _visible_entries(folder: str) -> list[str]:
     return sorted(e for e in os.listdir(folder) if not e.startswith("."))
 
 
-def _nifti_stem(filename: str) -> str | None:
+def nifti_stem(filename: str) -> str | None:
     """'case.nii.gz' -> 'case'; None for hidden or non-NIfTI files."""
     if filename.startswith("."):
         return None
     for ending in _NIFTI_ENDINGS:
-        if filename.endswith(ending):
+        if filename.endswith(ending) and len(filename) > len(ending):
             return filename[: -len(ending)]
     return None
 
@@ -288,9 +293,9 @@ def _find_prostate(root: str) -> list[Subject]:
         if not os.path.isdir(folder):
             continue
         for entry in _visible_entries(folder):
-            match = re.fullmatch(r"prostate_(\d+)", _nifti_stem(entry) or "")
+            match = re.fullmatch(r"prostate_(\d+)", nifti_stem(entry) or "")
             if match:
-                label = _existing_nifti(os.path.join(root, labels, _nifti_stem(entry)))
+                label = _existing_nifti(os.path.join(root, labels, nifti_stem(entry)))
                 subjects.append(
                     Subject(f"{int(match.group(1)):03d}", os.path.join(folder, entry), label)
                 )
@@ -307,6 +312,7 @@ def _prostate_layout(root: str | None = None) -> DatasetLayout:
         image_size=192,
         finder=_find_prostate,
         channel=0,  # T2; channel 1 is ADC.
+        num_channels=2,
     )
 
 
@@ -320,7 +326,7 @@ def _find_mmwhs(root: str) -> list[Subject]:
         if not os.path.isdir(folder):
             continue
         for entry in _visible_entries(folder):
-            match = re.fullmatch(r"(mr_(?:train|test)_(\d{4}))_image", _nifti_stem(entry) or "")
+            match = re.fullmatch(r"(mr_(?:train|test)_(\d{4}))_image", nifti_stem(entry) or "")
             if match:
                 label = _existing_nifti(os.path.join(folder, match.group(1) + "_label"))
                 subjects.append(Subject(match.group(2), os.path.join(folder, entry), label))
@@ -362,11 +368,14 @@ def _parse_labels(labels: object, source: str) -> list[tuple[int, str]]:
     return pairs
 
 
-def _case_files(images_dir: str, labels_dir: str, channel: int) -> list[tuple[str, str]]:
-    """(case id, image file) pairs; nnU-Net `<case>_0000.nii.gz` names select `channel`."""
-    stems = {_nifti_stem(e): e for e in _visible_entries(images_dir) if _nifti_stem(e)}
+def _case_files(images_dir: str, labels_dir: str | None, channel: int) -> list[tuple[str, str]]:
+    """(case id, image file) pairs; nnU-Net `<case>_0000.nii.gz` names select `channel`.
+
+    A name ending in _dddd is a channel suffix unless a label file of that full name exists.
+    """
+    stems = {nifti_stem(e): e for e in _visible_entries(images_dir) if nifti_stem(e)}
     suffixed = all(re.search(r"_\d{4}$", s) for s in stems) and not any(
-        _existing_nifti(os.path.join(labels_dir, s)) for s in stems
+        labels_dir and _existing_nifti(os.path.join(labels_dir, s)) for s in stems
     )
     if not suffixed:
         return sorted(stems.items())
@@ -380,19 +389,30 @@ def _case_files(images_dir: str, labels_dir: str, channel: int) -> list[tuple[st
     return [(c, stems[f"{c}_{channel:04d}"]) for c in cases]
 
 
-def _find_folder(root: str, channel: int) -> list[Subject]:
+def _find_folder(root: str, channel: int, unlabelled_roots: tuple[str, ...]) -> list[Subject]:
     subjects = []
-    for images, labels in (("imagesTr", "labelsTr"), ("imagesTs", "labelsTs")):
-        images_dir, labels_dir = os.path.join(root, images), os.path.join(root, labels)
+    folders = [(os.path.join(root, "imagesTr"), os.path.join(root, "labelsTr"))]
+    folders.append((os.path.join(root, "imagesTs"), os.path.join(root, "labelsTs")))
+    folders += [(extra, None) for extra in unlabelled_roots]
+    for images_dir, labels_dir in folders:
         if not os.path.isdir(images_dir):
+            if labels_dir is None:
+                raise DataError(
+                    f"unlabelled folder {images_dir!r} (config.data.unlabelled_roots) does not "
+                    "exist; fix the path or remove it."
+                )
             continue
+        # Cases of an extra folder are named "<folder name>/<case>", apart from the dataset's own.
+        prefix = "" if labels_dir else os.path.basename(os.path.normpath(images_dir)) + "/"
         for case, filename in _case_files(images_dir, labels_dir, channel):
-            label = _existing_nifti(os.path.join(labels_dir, case))
-            subjects.append(Subject(case, os.path.join(images_dir, filename), label))
+            label = _existing_nifti(os.path.join(labels_dir, case)) if labels_dir else None
+            subjects.append(Subject(prefix + case, os.path.join(images_dir, filename), label))
     return subjects
 
 
-def _folder_layout(root: str | None = None, *, channel: int = 0) -> DatasetLayout:
+def _folder_layout(
+    root: str | None = None, *, channel: int = 0, unlabelled_roots: tuple[str, ...] = ()
+) -> DatasetLayout:
     if root is None:
         raise DataError(
             "the 'folder' layout needs the dataset root (its labels come from ROOT/dataset.json); "
@@ -421,8 +441,9 @@ def _folder_layout(root: str | None = None, *, channel: int = 0) -> DatasetLayou
         label_values=tuple(value for value, _ in pairs),
         target_resolution=None,
         image_size=None,
-        finder=lambda r: _find_folder(r, channel),
+        finder=lambda r: _find_folder(r, channel, tuple(unlabelled_roots)),
         channel=channel if len(channels) > 1 else None,
+        num_channels=max(1, len(channels)),
     )
 
 

@@ -35,15 +35,16 @@ def _span(first: int, last: int, width: int = 3) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _PaperSplits:
-    """One dataset's splits.
+class Splits:
+    """One dataset's subject splits: the paper's (below) or a folder's (`jaxcl.data.folder_splits`).
 
     Attributes:
       pretrain: unlabelled pre-training pool.
       test: test subjects.
       labelled: size ("tr1") -> combination ("c1") -> labelled subject ids.
       default_val: validation ids used when no labelled set is named, and for every labelled set
-        not in `val_exceptions`.
+        not in `val_exceptions`; empty when the dataset has too few subjects for a validation
+        set, in which case each labelled set is validated on its own subjects.
       val_exceptions: validation ids -> the labelled sets ("tr1-c2") that use them instead.
     """
 
@@ -51,19 +52,73 @@ class _PaperSplits:
     test: tuple[str, ...]
     labelled: Mapping[str, Mapping[str, tuple[str, ...]]]
     default_val: tuple[str, ...]
-    val_exceptions: Mapping[tuple[str, ...], tuple[str, ...]]
+    val_exceptions: Mapping[tuple[str, ...], tuple[str, ...]] = dataclasses.field(
+        default_factory=dict
+    )
 
     def val(self, labelled_set: str) -> tuple[str, ...]:
+        """Validation ids of a labelled set ("tr1-c2")."""
         for ids, labelled_sets in self.val_exceptions.items():
             if labelled_set in labelled_sets:
                 return ids
-        return self.default_val
+        if self.default_val:
+            return self.default_val
+        size, _, combination = labelled_set.partition("-")
+        return self.labelled[size][combination]
 
     def labelled_sets(self) -> tuple[str, ...]:
         return tuple(f"{size}-{c}" for size, combos in self.labelled.items() for c in combos)
 
+    def combinations(self, name: str) -> tuple[str, ...]:
+        """Valid `combination` values of split `name`: "c1".. for sizes, "tr1-c1".. for val."""
+        if name == "val":
+            return self.labelled_sets()
+        if name in ("pretrain", "test"):
+            return ()
+        if name not in self.labelled:
+            raise ValueError(
+                f"unknown split name {name!r}; choose one of "
+                f"{['pretrain', *self.labelled, 'val', 'test']}."
+            )
+        return tuple(self.labelled[name])
 
-_ACDC = _PaperSplits(
+    def get(self, name: str, combination: str | None = None) -> list[str]:
+        """Subject ids of one split (see `get_split`)."""
+        valid = self.combinations(name)
+        if name == "val" and combination is None:
+            return list(self.default_val)
+        if not valid and combination is not None:
+            raise ValueError(f"split {name!r} takes no combination (got {combination!r}).")
+        if valid and combination not in valid:
+            raise ValueError(
+                f"split {name!r} needs combination= one of {list(valid)} (got {combination!r})."
+            )
+        if name == "pretrain":
+            return list(self.pretrain)
+        if name == "test":
+            return list(self.test)
+        if name == "val":
+            return list(self.val(combination))
+        return list(self.labelled[name][combination])
+
+    def to_dict(self, labelled_set: str | None = None) -> dict:
+        """JSON-ready {"test", "val", "labelled": {size: {combination: ids}}, "pretrain"}.
+
+        "val" is the validation set of `labelled_set` (default: the dataset's default).
+        """
+        val = self.val(labelled_set) if labelled_set else self.default_val
+        return {
+            "test": list(self.test),
+            "val": list(val),
+            "labelled": {
+                size: {c: list(ids) for c, ids in combos.items()}
+                for size, combos in self.labelled.items()
+            },
+            "pretrain": list(self.pretrain),
+        }
+
+
+_ACDC = Splits(
     pretrain=(
         _span(1, 6)
         + ("012",)
@@ -94,7 +149,7 @@ _ACDC = _PaperSplits(
     val_exceptions={("031", "072"): ("tr1-c2", "tr2-c1", "tr2-c3", "tr8-c2")},
 )
 
-_PROSTATE = _PaperSplits(
+_PROSTATE = Splits(
     pretrain=(
         "000",
         "001",
@@ -137,7 +192,7 @@ _PROSTATE = _PaperSplits(
     },
 )
 
-_MMWHS = _PaperSplits(
+_MMWHS = Splits(
     pretrain=_span(1001, 1010, width=4),
     test=_span(1011, 1020, width=4),
     labelled={
@@ -168,7 +223,7 @@ _MMWHS = _PaperSplits(
     },
 )
 
-_SYNTHETIC = _PaperSplits(
+_SYNTHETIC = Splits(
     pretrain=_span(0, 39),
     test=_span(44, 59),
     labelled={
@@ -190,32 +245,34 @@ _SYNTHETIC = _PaperSplits(
     val_exceptions={},
 )
 
-_SPLITS: Mapping[str, _PaperSplits] = types.MappingProxyType(
+_SPLITS: Mapping[str, Splits] = types.MappingProxyType(
     {"acdc": _ACDC, "prostate": _PROSTATE, "mmwhs": _MMWHS, "synthetic": _SYNTHETIC}
 )
 
 
-def _dataset_splits(dataset: str) -> _PaperSplits:
+def paper_splits(dataset: str) -> Splits:
+    """The paper's splits of "acdc", "prostate", "mmwhs" (or the built-in "synthetic" set)."""
     if dataset not in _SPLITS:
         raise ValueError(
-            f"no paper splits for dataset {dataset!r}; choose one of {sorted(_SPLITS)} (for the "
-            "'folder' layout list the subject ids of each split in the config)."
+            f"no paper splits for dataset {dataset!r}; choose one of {sorted(_SPLITS)} (the "
+            "'folder' layout makes its splits from config.data.splits, docs/DATA.md)."
         )
     return _SPLITS[dataset]
 
 
+def has_paper_splits(dataset: str) -> bool:
+    return dataset in _SPLITS
+
+
 def combinations(dataset: str, name: str) -> tuple[str, ...]:
     """Valid `combination` values of split `name`: "c1".. for tr*, "tr1-c1".. for val, () else."""
-    splits = _dataset_splits(dataset)
     if name not in SPLIT_NAMES:
         raise ValueError(f"unknown split name {name!r}; choose one of {list(SPLIT_NAMES)}.")
-    if name == "val":
-        return splits.labelled_sets()
-    return tuple(splits.labelled.get(name, {}))
+    return paper_splits(dataset).combinations(name)
 
 
 def get_split(dataset: str, name: str, combination: str | None = None) -> list[str]:
-    """Subject ids of one split.
+    """Subject ids of one of the paper's splits.
 
     Args:
       dataset: "acdc", "prostate", "mmwhs" or "synthetic".
@@ -226,24 +283,14 @@ def get_split(dataset: str, name: str, combination: str | None = None) -> list[s
     Returns:
       Subject ids (zero-padded strings, see jaxcl.data.sources).
     """
-    splits = _dataset_splits(dataset)
-    valid = combinations(dataset, name)
-    if name == "val" and combination is None:
-        return list(splits.default_val)
-    if not valid and combination is not None:
-        raise ValueError(f"split {name!r} takes no combination (got {combination!r}).")
-    if valid and combination not in valid:
-        raise ValueError(
-            f"{dataset} split {name!r} needs combination= one of {list(valid)} "
-            f"(got {combination!r})."
-        )
-    if name == "pretrain":
-        return list(splits.pretrain)
-    if name == "test":
-        return list(splits.test)
-    if name == "val":
-        return list(splits.val(combination))
-    return list(splits.labelled[name][combination])
+    if name not in SPLIT_NAMES:
+        raise ValueError(f"unknown split name {name!r}; choose one of {list(SPLIT_NAMES)}.")
+    try:
+        return paper_splits(dataset).get(name, combination)
+    except ValueError as error:
+        if name == "pretrain" or "no paper splits" in str(error):
+            raise
+        raise ValueError(f"{dataset} {error}") from None
 
 
 def check_split_on_disk(

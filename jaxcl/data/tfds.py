@@ -3,11 +3,11 @@
 Preprocessing (nibabel reads, resampling, optional N4) is the slow part of the input pipeline and
 is the same for every run of an experiment grid, so it runs once per dataset variant and is stored
 with TFDS under ``DATA_DIR/jaxcl_volumes/<config name>/<version>/``. The config name encodes
-everything the stored arrays depend on (dataset, frame, target resolution, image size, N4, and for
-the synthetic set its size, seed and generator version), so a different setting prepares a new
-copy and never reads a stale one. TFDS writes into a temporary ``*.incomplete*`` folder and renames
-it only after the last example is written, so a build that fails or is killed midway is never
-mistaken for a complete one; the next call starts again from scratch.
+everything the stored arrays depend on (dataset, frame, slice axis, target resolution, image size,
+N4, and for the synthetic set its size, seed and generator version), so a different setting
+prepares a new copy and never reads a stale one. TFDS writes into a temporary ``*.incomplete*``
+folder and renames it only after the last example is written, so a build that fails or is killed
+midway is never mistaken for a complete one; the next call starts again from scratch.
 
 Sources: acdc / prostate / mmwhs / folder read a manually downloaded root (TFDS ``manual_dir``;
 ``MANUAL_DOWNLOAD_INSTRUCTIONS`` says where to get each); "synthetic" generates its NIfTI files
@@ -46,19 +46,26 @@ class VolumesConfig(tfds.core.BuilderConfig):
       dataset: layout name ("acdc", "prostate", "mmwhs", "folder", "synthetic").
       target_resolution: in-plane voxel size in mm after resampling.
       image_size: in-plane size S after crop/pad.
+      slice_axis: one of `preprocess.SLICE_AXES`, the canonical axis slices are taken along, or
+        "auto" (each volume's axis of largest spacing).
       frame: "ED" or "ES" for acdc/synthetic, None otherwise.
       n4: whether N4 bias correction was applied.
       num_subjects: synthetic only: number of generated subjects.
       seed: synthetic only: generator seed.
+      channel: folder only: the image channel of multi-channel data.
+      unlabelled_roots: folder only: extra folders of unlabelled images.
     """
 
     dataset: str
     target_resolution: float
     image_size: int
+    slice_axis: str
     frame: str | None = None
     n4: bool = False
     num_subjects: int = 60
     seed: int = 0
+    channel: int = 0
+    unlabelled_roots: tuple[str, ...] = ()
 
 
 def volumes_config(
@@ -66,18 +73,28 @@ def volumes_config(
     *,
     target_resolution: float,
     image_size: int,
+    slice_axis: str,
     frame: str | None = None,
     n4: bool = False,
     root: str | None = None,
     num_subjects: int = 60,
     seed: int = 0,
+    channel: int = 0,
+    unlabelled_roots: Sequence[str] = (),
 ) -> VolumesConfig:
     """The config of one dataset variant, named after every setting the stored data depends on.
 
-    ``root`` is part of the name only for "folder" datasets, whose identity is their folder; the
-    fixed layouts can be moved without re-preparing. ``frame`` defaults to "ED" for acdc and
-    synthetic and must be None for the other layouts.
+    ``root`` is part of the name only for "folder" datasets, whose identity is their files: the
+    name holds a digest of the folder, the unlabelled folders, the channel and every image and
+    label file's name, size and modification time, so adding, removing or replacing a file
+    prepares a new copy. The fixed layouts can be moved without re-preparing. ``frame`` defaults
+    to "ED" for acdc and synthetic and must be None for the other layouts.
     """
+    if slice_axis not in ("auto", *preprocess.SLICE_AXES):
+        raise sources.DataError(
+            f"slice_axis={slice_axis!r} is not 'auto' or one of {preprocess.SLICE_AXES}; set "
+            "data.slice_axis to one of them."
+        )
     if dataset in _FRAME_DATASETS:
         frame = frame or "ED"
     elif frame is not None:
@@ -89,23 +106,38 @@ def volumes_config(
         if root is None:
             raise sources.DataError("the 'folder' dataset needs root= (its dataset folder).")
         folder = os.path.abspath(root)
-        digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
+        digest = _folder_digest(folder, channel, tuple(unlabelled_roots))
         parts.append(re.sub(r"[^\w.]", "_", os.path.basename(folder)) + "_" + digest)
     if frame is not None:
         parts.append(frame)
     if dataset == "synthetic":
         parts += [f"{num_subjects}subjects", f"seed{seed}", f"v{synthetic.GENERATOR_VERSION}"]
-    parts += [f"{target_resolution:g}mm", f"{image_size}px"] + (["n4"] if n4 else [])
+    parts += [slice_axis, f"{target_resolution:g}mm", f"{image_size}px"] + (["n4"] if n4 else [])
     return VolumesConfig(
         name="-".join(parts),
         dataset=dataset,
         target_resolution=float(target_resolution),
         image_size=int(image_size),
+        slice_axis=slice_axis,
         frame=frame,
         n4=n4,
         num_subjects=num_subjects,
         seed=seed,
+        channel=channel,
+        unlabelled_roots=tuple(unlabelled_roots),
     )
+
+
+def _folder_digest(root: str, channel: int, unlabelled_roots: tuple[str, ...]) -> str:
+    """8 hex digits identifying a folder dataset's files (see `volumes_config`)."""
+    layout = sources.get_layout("folder", root, channel=channel, unlabelled_roots=unlabelled_roots)
+    entries = [root, str(channel), *unlabelled_roots]
+    for subject in layout.find_subjects(root):
+        for path in (subject.image_path, subject.label_path):
+            if path:
+                stat = os.stat(path)
+                entries.append(f"{subject.subject_id}:{path}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha1("\n".join(entries).encode()).hexdigest()[:8]
 
 
 class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -116,8 +148,12 @@ class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """
 
     name = "jaxcl_volumes"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "One example per preprocessed volume."}  # noqa: RUF012
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {  # noqa: RUF012
+        "1.0.0": "One example per preprocessed volume.",
+        "1.1.0": "Slices taken along a chosen axis of the canonical (RAS) orientation; geometry "
+        "gains `flips`.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = "\n\n".join(
         f"{name}: {sources.download_instructions(name)}" for name in _MANUAL_DATASETS
     )
@@ -163,13 +199,17 @@ class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, root: str) -> Iterator[tuple[str, dict]]:
         config = self.builder_config
-        layout = sources.get_layout(config.dataset, root, **_layout_options(config.frame))
+        options = _layout_options(
+            config.dataset, config.frame, config.channel, config.unlabelled_roots
+        )
+        layout = sources.get_layout(config.dataset, root, **options)
         for subject in layout.find_subjects(root):
             volume = preprocess.load_volume(
                 subject,
                 layout,
                 target_resolution=config.target_resolution,
                 image_size=config.image_size,
+                slice_axis=config.slice_axis,
                 n4=config.n4,
             )
             empty = np.zeros((0, config.image_size, config.image_size), np.uint8)
@@ -207,7 +247,12 @@ def ensure_synthetic(root: str, *, num_subjects: int, seed: int) -> str:
     return root
 
 
-def _layout_options(frame: str | None) -> dict[str, str]:
+def _layout_options(
+    dataset: str, frame: str | None, channel: int, unlabelled_roots: tuple[str, ...]
+) -> dict:
+    """`sources.get_layout` options of a variant."""
+    if dataset == "folder":
+        return {"channel": channel, "unlabelled_roots": unlabelled_roots}
     return {} if frame is None else {"frame": frame}
 
 
@@ -230,12 +275,15 @@ def load_volumes(
     data_dir: str,
     target_resolution: float | None = None,
     image_size: int | None = None,
+    slice_axis: str,
     frame: str | None = None,
     n4: bool = False,
     subject_ids: Sequence[str] | None = None,
     require_labels: bool = False,
     num_subjects: int = 60,
     seed: int = 0,
+    channel: int = 0,
+    unlabelled_roots: Sequence[str] = (),
 ) -> list[preprocess.Volume]:
     """Preprocessed volumes of a dataset, prepared into ``data_dir`` on first use.
 
@@ -247,11 +295,13 @@ def load_volumes(
       data_dir: where prepared datasets are stored and reused.
       target_resolution: in-plane mm; None uses the layout's default (SPEC §7).
       image_size: in-plane size after crop/pad; None uses the layout's default.
+      slice_axis: "auto" or one of `preprocess.SLICE_AXES`.
       frame: "ED" (default) or "ES" for acdc/synthetic.
       n4: N4 bias correction (needs SimpleITK).
       subject_ids: return only these subjects; DataError naming any that are not in the dataset.
       require_labels: DataError if a returned subject has no label.
       num_subjects, seed: size and seed of the synthetic dataset.
+      channel, unlabelled_roots: the folder layout's options (`sources.get_layout`).
 
     Returns:
       Volumes sorted by subject id (image (Z, S, S) float32, label uint8 or None, geometry).
@@ -262,7 +312,8 @@ def load_volumes(
             num_subjects=num_subjects,
             seed=seed,
         )
-    layout = sources.get_layout(dataset, root, **_layout_options(frame))
+    options = _layout_options(dataset, frame, channel, tuple(unlabelled_roots))
+    layout = sources.get_layout(dataset, root, **options)
     target_resolution = target_resolution or layout.target_resolution
     image_size = image_size or layout.image_size
     if target_resolution is None or image_size is None:
@@ -274,11 +325,14 @@ def load_volumes(
         dataset,
         target_resolution=target_resolution,
         image_size=image_size,
+        slice_axis=slice_axis,
         frame=frame,
         n4=n4,
         root=root,
         num_subjects=num_subjects,
         seed=seed,
+        channel=channel,
+        unlabelled_roots=unlabelled_roots,
     )
     builder = VolumesBuilder(config=config, data_dir=data_dir)
     if not builder.is_prepared() and dataset in _MANUAL_DATASETS:

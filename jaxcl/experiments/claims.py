@@ -91,7 +91,7 @@ def _verdict(claim: str, comparisons: list[Comparison | None]) -> Verdict:
 
 
 def _sets(dice: dict[tuple[str, str], dict[str, float]]) -> list[str]:
-    return [name for name in plan.LABELLED_SETS if any(key[1] == name for key in dice)]
+    return plan.sorted_labelled_sets(key[1] for key in dice)
 
 
 def _pretrainings(dice: dict[tuple[str, str], dict[str, float]]) -> list[str]:

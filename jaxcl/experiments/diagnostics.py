@@ -139,13 +139,13 @@ def collect(workdir: files.PathLike) -> tuple[list[LossCurve], list[Validation]]
     for path in sorted(root.glob(f"cells/*/*/*/seed*/finetune/{METRICS}")):
         init, labelled_set = path.parts[-7], path.parts[-6]
         finished = (path.parents[2] / "evaluate" / DONE_FILE).exists()  # as report.collect
-        if finished and init in plan.INITIALISATIONS and labelled_set in plan.LABELLED_SETS:
+        if finished and init in plan.INITIALISATIONS and plan.is_labelled_set(labelled_set):
             metrics = read_metrics(path)
             if any("val_dice" in m for m in metrics) and any("loss" in m for m in metrics):
                 groups.setdefault((init, labelled_set), []).append(metrics)
     order = sorted(
         groups,
-        key=lambda k: (list(plan.INITIALISATIONS).index(k[0]), plan.LABELLED_SETS.index(k[1])),
+        key=lambda k: (list(plan.INITIALISATIONS).index(k[0]), int(k[1].removeprefix("tr"))),
     )
     return curves, [validation(*key, groups[key]) for key in order]
 

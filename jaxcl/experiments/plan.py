@@ -7,9 +7,11 @@ An initialisation names where the fine-tuned UNet starts from (the rows of the p
   GR+LR, GR+LD, GD+LR, GD+LD encoder and decoder blocks 1..l from the local pre-training (L^R or
                             L^D) run on top of that global one (its frozen encoder included)
 
-`config.sweep` selects the grid as comma-separated lists: `inits`, `labelled_sets` (tr1, tr2, tr8),
-`combinations.<set>` (the labelled subsets c1, c2, ..., or "all" for every one the dataset
-defines) and `seeds` (fine-tuning seeds; the pre-trainings use `config.seed`).
+`config.sweep` selects the grid as comma-separated lists: `inits`, `labelled_sets` (tr1, tr2, tr8
+for the paper's datasets, a folder's own sizes, or "all"), `combinations.<set>` (the labelled
+subsets c1, c2, ..., or "all" for every one the dataset defines) and `seeds` (fine-tuning seeds;
+the pre-trainings use `config.seed`). The labelled sets come from the run's splits
+(`jaxcl.data.context.DataContext`), so a folder dataset's automatic splits work as the paper's.
 
 Every pre-training runs once, in its own workdir, and is shared by all the cells that start from
 it; a cell (initialisation x labelled set x subset x seed) fine-tunes and evaluates in its own:
@@ -22,13 +24,14 @@ it; a cell (initialisation x labelled set x subset x seed) fine-tunes and evalua
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import ml_collections
 
 from jaxcl import files
-from jaxcl.data import splits
+from jaxcl.data.splits import Splits
 
 # Sweep name of a global pre-training -> config.pretrain_global.strategy.
 GLOBAL_STRATEGIES: Mapping[str, str] = types.MappingProxyType(
@@ -37,8 +40,17 @@ GLOBAL_STRATEGIES: Mapping[str, str] = types.MappingProxyType(
 LOCAL_STRATEGIES = ("LR", "LD")
 # The global pre-trainings the paper puts a local pre-training on top of.
 GLOBALS_WITH_LOCAL = ("GR", "GD")
-LABELLED_SETS = ("tr1", "tr2", "tr8")
-ALL_COMBINATIONS = "all"
+ALL = "all"
+
+
+def is_labelled_set(name: str) -> bool:
+    """Whether `name` names a labelled-set size: "tr" and its number of volumes ("tr8")."""
+    return re.fullmatch(r"tr[1-9]\d*", name) is not None
+
+
+def sorted_labelled_sets(names: Iterable[str]) -> list[str]:
+    """Labelled-set sizes in increasing order ("tr1", "tr2", "tr8", "tr16"), each once."""
+    return sorted(set(names), key=lambda name: int(name.removeprefix("tr")))
 
 
 class SweepConfigError(ValueError):
@@ -150,7 +162,7 @@ def _choose(value: str, key: str, valid: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-def selection(config: ml_collections.ConfigDict) -> Selection:
+def selection(config: ml_collections.ConfigDict, splits: Splits) -> Selection:
     """Parses and checks `config.sweep` against the names above and the dataset's splits.
 
     Raises:
@@ -158,17 +170,17 @@ def selection(config: ml_collections.ConfigDict) -> Selection:
     """
     sweep = config.sweep
     inits = _choose(sweep.inits, "inits", tuple(INITIALISATIONS))
-    labelled_sets = _choose(sweep.labelled_sets, "labelled_sets", LABELLED_SETS)
+    sizes = tuple(splits.labelled)
+    labelled_sets = (
+        sizes
+        if sweep.labelled_sets == ALL
+        else _choose(sweep.labelled_sets, "labelled_sets", sizes)
+    )
     combinations = {}
     for labelled_set in labelled_sets:
-        try:
-            valid = splits.combinations(config.data.dataset, labelled_set)
-        except ValueError as error:
-            raise SweepConfigError(
-                f"the sweep runs the paper's labelled subsets: {error}"
-            ) from None
-        value = sweep.combinations[labelled_set]
-        if value == ALL_COMBINATIONS:
+        valid = splits.combinations(labelled_set)
+        value = sweep.combinations.get(labelled_set, ALL)
+        if value == ALL:
             combinations[labelled_set] = valid
         else:
             combinations[labelled_set] = _choose(value, f"combinations.{labelled_set}", valid)
@@ -275,9 +287,17 @@ def describe(cell: Cell) -> str:
     return f"cell {cell.init} {cell.labelled_set}-{cell.combination} seed {cell.seed}"
 
 
-def plan(config: ml_collections.ConfigDict, workdir: files.PathLike) -> tuple[Run, ...]:
-    """Every run of the sweep `config.sweep` selects, in order: pre-trainings, then cells."""
-    chosen = selection(config)
+def plan(
+    config: ml_collections.ConfigDict, workdir: files.PathLike, splits: Splits
+) -> tuple[Run, ...]:
+    """Every run of the sweep `config.sweep` selects, in order: pre-trainings, then cells.
+
+    Args:
+      config: the sweep's config, its data settings resolved (`DataContext.config`).
+      workdir: the sweep's folder.
+      splits: the dataset's splits (`DataContext.splits`): the labelled sets and subsets.
+    """
+    chosen = selection(config, splits)
     runs = [
         Run(
             f"pre-training {p.name}",

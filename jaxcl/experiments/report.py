@@ -31,7 +31,7 @@ def _cell_of(cell_path) -> plan.Cell | None:
     init, labelled_set, combination, seed = cell_path.parts[-4:]
     if (
         init not in plan.INITIALISATIONS
-        or labelled_set not in plan.LABELLED_SETS
+        or not plan.is_labelled_set(labelled_set)
         or not seed.removeprefix("seed").isdigit()
     ):
         logging.warning("report: %s is not a sweep cell's folder, ignored.", cell_path)

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from jaxcl import files
+from jaxcl.data.context import SPLITS_FILE, DataContext
 from jaxcl.experiments import plan, records, report, table
 from jaxcl.train import distributed, trainer
 
@@ -92,15 +93,24 @@ def run_sweep(
     Returns:
       The results of every finished cell in `workdir` (process 0; [] on other processes).
 
+    The data settings the config leaves to the data are resolved once (`DataContext`); a folder
+    dataset's splits are written to WORKDIR/splits.json and every run reads them from there.
+
     Raises:
       plan.SweepConfigError for an invalid `config.sweep` or a workdir started with another
-      config, before anything runs; whatever `trainer.train_and_evaluate` raises (e.g.
-      loop.PreemptedError on SIGTERM), after recording the run's time.
+      config, before anything runs; DataError for bad data; whatever
+      `trainer.train_and_evaluate` raises (e.g. loop.PreemptedError on SIGTERM), after
+      recording the run's time.
     """
-    runs = plan.plan(config, workdir)
+    data = DataContext(config)
+    config = data.config
+    if data.dataset == "folder":  # every run reads the sweep's splits instead of drawing them
+        config.data.splits.file = str(files.path(workdir) / SPLITS_FILE)
+    runs = plan.plan(config, workdir, data.splits)
     writes_files = distributed.is_main_process()
     commit, machine = records.git_commit(), records.machine()
     _check_stored_config(config, workdir, command)
+    data.write_splits(workdir)
     finished_before = [distributed.agree(_finished(run)) for run in runs]
     logging.info(
         "sweep: %d pre-trainings and %d cells in %s; %d already finished.",

@@ -178,9 +178,7 @@ def dice_table(results: Sequence[CellResult], dataset: str) -> str:
         return "No cell has finished yet.\n"
     entries = summarize(results)
     inits = [name for name in plan.INITIALISATIONS if any(r.cell.init == name for r in results)]
-    sets = [
-        name for name in plan.LABELLED_SETS if any(r.cell.labelled_set == name for r in results)
-    ]
+    sets = plan.sorted_labelled_sets(r.cell.labelled_set for r in results)
     paper = PAPER_DICE.get(dataset, {})
     header = ["initialisation"] + [f"\\|X_tr\\| = {s.removeprefix('tr')}" for s in sets]
     header += [f"paper, {s.removeprefix('tr')}" for s in sets] if paper else []

@@ -56,15 +56,21 @@ PAPER_BATCHES = {
 }
 
 
-def batch_recipe(stage: ml_collections.ConfigDict, stage_name: str) -> BatchRecipe:
+def batch_recipe(
+    stage: ml_collections.ConfigDict, stage_name: str, pool_volumes: int | None = None
+) -> BatchRecipe:
     """The recipe of `stage.strategy` with the config's `num_slices`/`num_volumes`/`num_views`.
 
     `num_slices` sizes random batches, `num_volumes` structured ones and (halved) BYOL-D pairs.
+    `num_volumes` None is the paper's value, capped at `pool_volumes` (the pre-training pool, when
+    given) for a small dataset of one's own: a batch cannot hold more volumes than there are.
     """
     valid = GLOBAL_STRATEGIES if stage_name == "pretrain_global" else LOCAL_STRATEGIES
     if stage.strategy not in valid:
         raise ValueError(f"config.{stage_name}.strategy={stage.strategy!r} is not one of {valid}.")
     kind, units, views = PAPER_BATCHES[stage.strategy]
+    if kind != "random" and stage.num_volumes is None and pool_volumes:
+        units = max(1, min(units, pool_volumes // (2 if kind == "paired" else 1)))
     if kind == "random":
         units = stage.num_slices or units
     elif kind == "structured":

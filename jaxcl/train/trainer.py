@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -28,9 +27,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxcl import augment, config_validation, evaluate, figures, files
-from jaxcl.data import pipeline, sources, splits
-from jaxcl.data import tfds as volumes_tfds
+from jaxcl import augment, config_validation, evaluate, figures, files, model_card
+from jaxcl.data import pipeline
+from jaxcl.data.context import DataContext
+from jaxcl.data.sources import DataError
+from jaxcl.experiments import records
 from jaxcl.losses import local
 from jaxcl.models import stages as stage_models
 from jaxcl.models.unet import UNet
@@ -42,61 +43,17 @@ PyTree = Any
 DONE_FILE = "DONE.json"
 
 
-class DataContext:
-    """The dataset of a run: layout, NIfTI root and preprocessed volumes by subject id.
-
-    `data_dir` (prepared TFDS data) may be `gs://`; the NIfTI root is a local folder.
-    """
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        data = config.data
-        self.dataset = data.dataset
-        self.data_dir = data.data_dir or os.path.expanduser("~/tensorflow_datasets")
-        self.root = data.root or None
-        if self.dataset == "synthetic" and not self.root:
-            if "://" in self.data_dir:
-                raise sources.DataError(
-                    f"config.data.data_dir={self.data_dir!r} is remote, but the synthetic "
-                    "dataset generates its NIfTI files under data_dir/jaxcl_synthetic, which "
-                    "must be local: set config.data.root to a local folder for them."
-                )
-            self.root = volumes_tfds.synthetic_root(self.data_dir)
-        frame = data.frame if self.dataset in ("acdc", "synthetic") else None
-        self._options = {
-            "target_resolution": data.target_resolution,
-            "image_size": data.image_size,
-            "frame": frame,
-            "n4": data.n4,
-        }
-        self.layout = sources.get_layout(
-            self.dataset, self.root, **({"frame": frame} if frame else {})
-        )
-
-    def volumes(self, subject_ids: list[str], *, require_labels: bool = False) -> list:
-        load = functools.partial(
-            volumes_tfds.load_volumes,
-            self.dataset,
-            root=self.root,
-            data_dir=self.data_dir,
-            subject_ids=subject_ids,
-            require_labels=require_labels,
-            **self._options,
-        )
-        # Process 0 prepares a dataset missing from a shared data_dir once; the others then read
-        # it (or prepare their own copy in a data_dir on their local disk).
-        return distributed.main_process_first(load, "jaxcl: volumes ready")
-
-    def subjects(self) -> list[sources.Subject]:
-        return self.layout.find_subjects(self.root)
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if config.model.dtype not in dtypes:
-        raise ValueError(f"config.model.dtype={config.model.dtype!r} is not one of {list(dtypes)}.")
+    if config.model.dtype not in _DTYPES:
+        raise ValueError(
+            f"config.model.dtype={config.model.dtype!r} is not one of {list(_DTYPES)}."
+        )
     return {
         "filters": tuple(config.model.filters),
-        "dtype": dtypes[config.model.dtype],
+        "dtype": _DTYPES[config.model.dtype],
         "axis_name": AXIS_NAME if config.model.cross_replica_bn else None,
     }
 
@@ -148,8 +105,18 @@ def _load_into(state: TrainState, export: str | None, paths, stage: str) -> Trai
 
 def _pretraining_batches(config, data: DataContext, stage: str, parallel: DataParallel):
     """(recipe, step-indexed batches) of a pre-training stage over the unlabelled pool."""
-    recipe = recipes.batch_recipe(config[stage], stage)
-    volumes = data.volumes(splits.get_split(data.dataset, "pretrain"))
+    pool_ids = data.splits.get("pretrain")
+    recipe = recipes.batch_recipe(config[stage], stage, len(pool_ids))
+    paper = recipes.batch_recipe(config[stage], stage)
+    if recipe != paper:
+        logging.info(
+            "%s: %d volumes per batch instead of the paper's %d: the pre-training pool holds %d.",
+            stage,
+            recipe.num_units,
+            paper.num_units,
+            len(pool_ids),
+        )
+    volumes = data.volumes(pool_ids)
     pool = pipeline.build_slice_pool(volumes, num_partitions=config.data.n_partitions)
     batches = recipes.make_batches(
         pool, recipe, seed=config.seed, local_device_count=parallel.num_local_devices
@@ -327,8 +294,8 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
     stage, cfg = "finetune", config.finetune
     parallel = DataParallel(config.parallel.mode)
     labelled_set, combination = config.data.labelled_set, config.data.combination
-    labelled = splits.get_split(data.dataset, labelled_set, combination)
-    validation = splits.get_split(data.dataset, "val", f"{labelled_set}-{combination}")
+    labelled = data.splits.get(labelled_set, combination)
+    validation = data.splits.get("val", f"{labelled_set}-{combination}")
     pool = pipeline.build_slice_pool(
         data.volumes(labelled, require_labels=True),
         num_partitions=config.data.n_partitions,
@@ -377,6 +344,8 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
         select_best="val_dice",
     )
     _export(workdir, stage, result.best_state or result.state)
+    if distributed.is_main_process():
+        model_card.write(files.path(workdir) / stage / "export", _card(config, data))
     return {
         "labelled": labelled,
         "validation": validation,
@@ -386,27 +355,97 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
     }
 
 
+def _card(config, data: DataContext) -> model_card.ModelCard:
+    """What `python -m jaxcl.predict` needs to use the fine-tuned model (`jaxcl.model_card`)."""
+    return model_card.ModelCard(
+        target_resolution=float(config.data.target_resolution),
+        image_size=int(config.data.image_size),
+        slice_axis=config.data.slice_axis,
+        n4=bool(config.data.n4),
+        channel=data.layout.channel,
+        num_channels=data.layout.num_channels,
+        class_names=tuple(data.layout.class_names),
+        label_values=tuple(int(v) for v in data.layout.label_values),
+        filters=tuple(int(f) for f in config.model.filters),
+        dtype=config.model.dtype,
+        dataset=data.dataset,
+        labelled_set=f"{config.data.labelled_set}-{config.data.combination}",
+        git_commit=records.git_commit(),
+    )
+
+
+def _evaluation_subjects(config, data: DataContext) -> list[str]:
+    """The subject ids `config.evaluate.split` names."""
+    split = config.evaluate.split
+    if split == "labelled":
+        return [s.subject_id for s in data.subjects() if s.label_path is not None]
+    if split == "val":
+        return data.splits.get("val", f"{config.data.labelled_set}-{config.data.combination}")
+    if split == "test":
+        return data.splits.get("test")
+    size, _, combination = split.partition("-")
+    try:
+        return data.splits.get(size, combination)
+    except ValueError as error:
+        raise DataError(
+            f"config.evaluate.split={split!r}: {error} Use test, val, labelled or a labelled set "
+            f"({', '.join(data.splits.labelled_sets())})."
+        ) from None
+
+
 def run_evaluation(config, workdir: str, data: DataContext) -> dict[str, Any]:
-    """Stage 4: test Dice on the native grid, predictions, figures, results tables (SPEC §9)."""
+    """Stage 4: Dice on the native grid, predictions, figures, results tables (docs/TRAINING.md).
+
+    Scores `config.evaluate.model_from` (default: this workdir's fine-tuned model) on the
+    subjects of `config.evaluate.split` of `config.data`'s dataset, preprocessed as the model's
+    card says, so a model trained on one dataset can be tested on another with the same classes.
+    """
     stage = "evaluate"
-    model = _unet(config, data)
-    variables = checkpoint.load_variables(files.path(workdir) / "finetune" / "export")
-    test = data.volumes(splits.get_split(data.dataset, "test"), require_labels=True)
+    source = config.evaluate.get("model_from") or files.path(workdir)
+    export = model_card.find_export(source)
+    card = model_card.read(export)
+    if card.num_classes != data.layout.num_classes:
+        raise DataError(
+            f"the model {export} segments {card.num_classes} classes {list(card.class_names)} but "
+            f"{data.dataset} labels {data.layout.num_classes} {list(data.layout.class_names)}; "
+            "evaluate it on a dataset with the same classes."
+        )
+    if tuple(card.class_names) != tuple(data.layout.class_names):
+        logging.warning(
+            "evaluate: the model's classes %s are scored against %s by index.",
+            list(card.class_names),
+            list(data.layout.class_names),
+        )
+    model = UNet(
+        num_classes=card.num_classes,
+        filters=card.filters,
+        dtype=_DTYPES[card.dtype],
+        axis_name=None,
+    )
+    variables = checkpoint.load_variables(export)
+    settings = {
+        "target_resolution": card.target_resolution,
+        "image_size": card.image_size,
+        "slice_axis": card.slice_axis,
+        "n4": card.n4,
+    }
+    subject_ids = _evaluation_subjects(config, data)
+    volumes = data.volumes(subject_ids, require_labels=True, settings=settings)
     out_dir = files.path(workdir) / stage
-    # Every process predicts the test volumes on its first local device (no collectives, the
-    # same numbers everywhere, so all return the same summary); process 0 writes the files.
+    # Every process predicts the volumes on its first local device (no collectives, the same
+    # numbers everywhere, so all return the same summary); process 0 writes the files.
     results = evaluate.evaluate(
         evaluate.inference_apply_fn(model, variables),
-        test,
+        volumes,
         data.subjects(),
         data.layout,
         out_dir,
         chunk_size=config.data.eval_chunk_size,
         metadata={
             "dataset": data.dataset,
-            "labelled_set": config.data.labelled_set,
-            "combination": config.data.combination,
-            "workdir": str(files.path(workdir)),
+            "split": config.evaluate.split,
+            "model": str(export),
+            "trained_on": f"{card.dataset} {card.labelled_set}",
         },
     )
     curves = {
@@ -416,7 +455,7 @@ def run_evaluation(config, workdir: str, data: DataContext) -> dict[str, Any]:
     }
     if curves and distributed.is_main_process():
         figures.plot_loss_curves(curves, out_dir / "figures" / "loss_curves.png")
-    logging.info("Test Dice:\n%s", evaluate.results_markdown(results))
+    logging.info("Dice:\n%s", evaluate.results_markdown(results))
     return {"mean_dice": results["mean"], "std_dice": results["std"]}
 
 
@@ -431,13 +470,22 @@ STAGES: dict[str, Callable[[ml_collections.ConfigDict, str, DataContext], dict]]
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     """Runs `config.stages` in order, skipping stages whose DONE file exists; returns summaries.
 
+    The data settings the config leaves to the data (a folder's splits, resolution and crop size)
+    are resolved first (`DataContext`), logged, and the splits written to WORKDIR/splits.json.
+
     Raises:
       config_validation.ConfigError: listing every impossible config value, before any work.
+      DataError: bad data or data settings, naming the file or key and the fix.
     """
-    config_validation.validate(
-        config, num_devices=jax.device_count(), num_processes=jax.process_count()
-    )
     data = DataContext(config)
+    config = data.config
+    config_validation.validate(
+        config,
+        splits=data.splits,
+        num_devices=jax.device_count(),
+        num_processes=jax.process_count(),
+    )
+    data.write_splits(workdir)
     summaries = {}
     for name in config.stages:
         done_file = files.path(workdir) / name / DONE_FILE

@@ -50,6 +50,7 @@ def _load(root, data_dir, **kwargs):
         data_dir=data_dir,
         target_resolution=1.36719,
         image_size=IMAGE_SIZE,
+        slice_axis="axial",
         **kwargs,
     )
 
@@ -62,7 +63,7 @@ def test_stored_volumes_match_preprocessing_and_are_reused(acdc_root, tmp_path, 
     layout = sources.get_layout("acdc", acdc_root)
     for volume, subject in zip(volumes, layout.find_subjects(acdc_root), strict=True):
         expected = preprocess.load_volume(
-            subject, layout, target_resolution=1.36719, image_size=IMAGE_SIZE
+            subject, layout, target_resolution=1.36719, image_size=IMAGE_SIZE, slice_axis="axial"
         )
         assert volume.image.dtype == np.float32 and volume.image.shape[1:] == (
             IMAGE_SIZE,
@@ -128,28 +129,36 @@ def test_missing_root_names_the_download(tmp_path):
 
 
 def test_config_names_separate_variants():
+    def name(dataset="acdc", **kwargs):
+        settings = {"target_resolution": 1.36719, "image_size": 192, "slice_axis": "axial"}
+        return volumes_tfds.volumes_config(dataset, **{**settings, **kwargs}).name
+
     names = {
-        volumes_tfds.volumes_config("acdc", target_resolution=1.36719, image_size=192).name,
-        volumes_tfds.volumes_config("acdc", target_resolution=1.36719, image_size=160).name,
-        volumes_tfds.volumes_config("acdc", target_resolution=1.5, image_size=192).name,
-        volumes_tfds.volumes_config(
-            "acdc", target_resolution=1.36719, image_size=192, frame="ES"
-        ).name,
-        volumes_tfds.volumes_config(
-            "acdc", target_resolution=1.36719, image_size=192, n4=True
-        ).name,
-        volumes_tfds.volumes_config(
-            "synthetic", target_resolution=1.36719, image_size=192, seed=1
-        ).name,
+        name(),
+        name(image_size=160),
+        name(target_resolution=1.5),
+        name(slice_axis="sagittal"),
+        name(frame="ES"),
+        name(n4=True),
+        name("synthetic", seed=1),
     }
-    assert len(names) == 6
+    assert len(names) == 7
+    assert name(target_resolution=3, image_size=64) == "acdc-ED-axial-3mm-64px"
     with pytest.raises(sources.DataError, match="frame"):
-        volumes_tfds.volumes_config("prostate", target_resolution=0.625, image_size=192, frame="ES")
+        name("prostate", target_resolution=0.625, frame="ES")
+    assert name(slice_axis="auto") == "acdc-ED-auto-1.36719mm-192px"
+    with pytest.raises(sources.DataError, match="slice_axis='oblique'"):
+        name(slice_axis="oblique")
 
 
 def test_synthetic_is_generated(tmp_path):
     volumes = volumes_tfds.load_volumes(
-        "synthetic", root=None, data_dir=str(tmp_path), image_size=64, num_subjects=1
+        "synthetic",
+        root=None,
+        data_dir=str(tmp_path),
+        image_size=64,
+        slice_axis="axial",
+        num_subjects=1,
     )
     assert [v.subject_id for v in volumes] == ["000"]
     (volume,) = volumes

@@ -7,6 +7,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import base, mmwhs, synthetic
+from jaxcl.data import splits
 from jaxcl.experiments import plan
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -22,8 +23,16 @@ def _config(**sweep):
     return config
 
 
+def _plan(config):
+    return plan.plan(config, "/w", splits.paper_splits(config.data.dataset))
+
+
+def _selection(config):
+    return plan.selection(config, splits.paper_splits(config.data.dataset))
+
+
 def test_default_sweep_is_the_papers_grid():
-    runs = plan.plan(_config(), "/w")
+    runs = _plan(_config())
     pretrainings = [run.description for run in runs if run.cell is None]
     assert pretrainings == [
         f"pre-training {name}"
@@ -51,13 +60,13 @@ def test_default_sweep_is_the_papers_grid():
 
 
 def test_synthetic_config_runs_three_subsets_per_size():
-    cells = [run.cell for run in plan.plan(synthetic.get_config(), "/w") if run.cell]
+    cells = [run.cell for run in _plan(synthetic.get_config()) if run.cell]
     assert len(cells) == 10 * 3 * 3
     assert {c.combination for c in cells} == {"c1", "c2", "c3"}
 
 
 def test_mmwhs_all_combinations_are_its_own():
-    chosen = plan.selection(mmwhs.get_config())
+    chosen = _selection(mmwhs.get_config())
     assert chosen.combinations["tr2"] == ("c1", "c2", "c3", "c4")
 
 
@@ -65,7 +74,7 @@ def test_local_initialisation_alone_runs_its_global_pretraining_once():
     config = _config(inits="GD+LR,GD+LD,random", labelled_sets="tr1,tr8", seeds="0,3")
     config.sweep.combinations.tr1 = "c2,c1"
     config.sweep.combinations.tr8 = "c3"
-    runs = plan.plan(config, "/w")
+    runs = _plan(config)
     assert [r.description for r in runs if r.cell is None] == [
         "pre-training GD",
         "pre-training GD+LR",
@@ -85,7 +94,7 @@ def test_derived_configs_share_the_pretrainings():
     config = _config(inits="random,GR,BYOL-D,GR+LD", labelled_sets="tr2", seeds="5")
     config.sweep.combinations.tr2 = "c4"
     config.seed = 11
-    runs = {run.description: run for run in plan.plan(config, "/w")}
+    runs = {run.description: run for run in _plan(config)}
 
     byol = runs["pre-training BYOL-D"]
     assert byol.workdir == "/w/pretrain/BYOL-D"
@@ -145,7 +154,7 @@ def test_n_labelled():
 )
 def test_invalid_selection_names_the_key_and_valid_values(key, value, message):
     with pytest.raises(plan.SweepConfigError) as error:
-        plan.plan(_config(**{key: value}), "/w")
+        _plan(_config(**{key: value}))
     assert message in str(error.value)
 
 
@@ -156,10 +165,10 @@ def test_invalid_combination_lists_the_datasets_subsets():
         plan.SweepConfigError,
         match=r"combinations.tr8 has unknown names \['c5'\]; valid: c1,c2,c3\.",
     ):
-        plan.selection(config)
+        _selection(config)
     # Unselected labelled sets are not checked.
     config.sweep.labelled_sets = "tr1"
-    assert plan.selection(config).combinations == {"tr1": ("c1", "c2", "c3", "c4", "c5")}
+    assert _selection(config).combinations == {"tr1": ("c1", "c2", "c3", "c4", "c5")}
 
 
 def test_selection_from_the_command_line(monkeypatch):
@@ -175,15 +184,36 @@ def test_selection_from_the_command_line(monkeypatch):
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
     flag_values(argv, known_only=True)
-    chosen = plan.selection(flag_values.config)
+    chosen = _selection(flag_values.config)
     assert chosen.inits == ("GD-", "GD+LR")
     assert chosen.seeds == (1, 2)
     assert chosen.labelled_sets == ("tr1",)  # from :quick
     assert chosen.combinations == {"tr1": ("c3",)}
 
 
-def test_dataset_without_paper_splits():
-    config = _config()
-    config.data.dataset = "folder"
-    with pytest.raises(plan.SweepConfigError, match="the sweep runs the paper's labelled subsets"):
-        plan.selection(config)
+def test_folder_sizes_and_all():
+    """A folder's own labelled-set sizes; "all" selects every size and every subset."""
+    config = _config(labelled_sets="all")
+    folder = splits.Splits(
+        pretrain=("a", "b", "c", "d"),
+        test=("e",),
+        labelled={"tr1": {"c1": ("a",), "c2": ("b",)}, "tr3": {"c1": ("a", "b", "c")}},
+        default_val=("d",),
+    )
+    chosen = plan.selection(config, folder)
+    assert chosen.labelled_sets == ("tr1", "tr3")
+    assert chosen.combinations == {"tr1": ("c1", "c2"), "tr3": ("c1",)}
+    config.sweep.labelled_sets = "tr8"
+    with pytest.raises(plan.SweepConfigError, match=r"unknown names \['tr8'\]; valid: tr1,tr3"):
+        plan.selection(config, folder)
+
+
+def test_labelled_set_names_sort_by_size():
+    assert plan.sorted_labelled_sets(["tr8", "tr16", "tr2", "tr1", "tr2"]) == [
+        "tr1",
+        "tr2",
+        "tr8",
+        "tr16",
+    ]
+    assert plan.is_labelled_set("tr12") and not plan.is_labelled_set("tr0")
+    assert not plan.is_labelled_set("val")
