@@ -166,7 +166,7 @@ def _data_problems(config: ml_collections.ConfigDict, splits: Splits | None) -> 
             yield _entry("data.dataset", data.dataset, message)
             return
         splits = dataset_splits.paper_splits(data.dataset)
-    elif data.dataset != "folder" and _custom_splits(data):
+    if data.dataset != "folder" and _custom_splits(data):
         yield _problem(
             "data.splits",
             "...",

@@ -64,6 +64,15 @@ class ModelCard:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def preprocessing(self) -> dict[str, Any]:
+        """The settings `preprocess.preprocess_image` (and `tfds.load_volumes`) take."""
+        return {
+            "target_resolution": self.target_resolution,
+            "image_size": self.image_size,
+            "slice_axis": self.slice_axis,
+            "n4": self.n4,
+        }
+
     def to_json(self) -> str:
         return json.dumps({"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}, indent=2)
 

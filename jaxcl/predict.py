@@ -250,15 +250,7 @@ def native_probabilities(
     """
     native = _single_channel(data, card, channel, path).astype(np.float32)
     try:
-        image, geometry = preprocess.preprocess_image(
-            native,
-            affine,
-            zooms,
-            target_resolution=card.target_resolution,
-            image_size=card.image_size,
-            slice_axis=card.slice_axis,
-            n4=card.n4,
-        )
+        image, geometry = preprocess.preprocess_image(native, affine, zooms, **card.preprocessing())
     except DataError as error:  # a bad header; preprocess_image does not know the file
         raise DataError(f"{path}: {error}") from error
     volume = preprocess.Volume(subject_id=path, image=image, label=None, geometry=geometry)

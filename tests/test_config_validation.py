@@ -13,6 +13,7 @@ import pytest
 
 from jaxcl import config_validation
 from jaxcl.config_validation import ConfigError
+from jaxcl.data import splits
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATASETS = ("synthetic", "acdc", "prostate", "mmwhs")
@@ -155,6 +156,8 @@ BAD_VALUES = [
     ("pretrain_local.positions", "dense", ["config.pretrain_local.positions='dense'", "'grid'"]),
     ("pretrain_local.negatives", "some", ["config.pretrain_local.negatives='some'", "'paper'"]),
     ("data.n_partitions", 0, ["config.data.n_partitions=0", "4"]),
+    ("data.slice_axis", "oblique", ["config.data.slice_axis='oblique'", "auto", "'axial'"]),
+    ("data.splits.test", "044", ["config.data.splits='...'", "paper's fixed splits"]),
     ("data.target_resolution", 0.0, ["config.data.target_resolution=0.0", "in mm"]),
     ("data.eval_chunk_size", 0, ["config.data.eval_chunk_size=0", "16"]),
     ("log_every", 0, ["config.log_every=0", "must be positive"]),
@@ -248,6 +251,19 @@ def test_more_devices_than_the_pool_allows(load_config):
     problem = _only_problem(config, num_devices=16)
     assert problem.startswith("config.pretrain_global.num_volumes=None: 6 volumes")
     assert "no value fits 10 volumes: run on fewer devices" in problem
+
+
+def test_a_folder_is_checked_against_its_own_splits(load_config):
+    """Validation of a folder dataset uses the splits DataContext made (its labelled sets)."""
+    config = load_config("synthetic", "quick")
+    config.data.dataset = "folder"
+    folder = splits.Splits(
+        pretrain=("a", "b"), test=("c",), labelled={"tr1": {"c1": ("a",)}}, default_val=("b",)
+    )
+    config_validation.validate(config, num_devices=1, splits=folder)
+    config.data.labelled_set = "tr2"
+    with pytest.raises(ConfigError, match=r"config.data.labelled_set='tr2': unknown; use one of"):
+        config_validation.validate(config, num_devices=1, splits=folder)
 
 
 def test_processes_are_named(load_config):

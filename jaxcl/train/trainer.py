@@ -423,14 +423,8 @@ def run_evaluation(config, workdir: str, data: DataContext) -> dict[str, Any]:
         axis_name=None,
     )
     variables = checkpoint.load_variables(export)
-    settings = {
-        "target_resolution": card.target_resolution,
-        "image_size": card.image_size,
-        "slice_axis": card.slice_axis,
-        "n4": card.n4,
-    }
     subject_ids = _evaluation_subjects(config, data)
-    volumes = data.volumes(subject_ids, require_labels=True, settings=settings)
+    volumes = data.volumes(subject_ids, require_labels=True, settings=card.preprocessing())
     out_dir = files.path(workdir) / stage
     # Every process predicts the volumes on its first local device (no collectives, the same
     # numbers everywhere, so all return the same summary); process 0 writes the files.

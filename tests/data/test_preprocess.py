@@ -739,3 +739,24 @@ def test_select_channel_cases_and_errors(tmp_path):
             lambda d=data, c=channel, p=path: preprocess.select_channel(d, c, p)
         )
         assert message.startswith(start), message
+
+
+def test_isotropic_head_volume_is_sliced_axially_in_any_storage(tmp_path):
+    """A 1 mm isotropic 3D scan (head MRI-like), stored LPS with its slices along voxel Y."""
+    rng = np.random.default_rng(0)
+    ras = rng.normal(size=(36, 44, 30)).astype(np.float32)  # (R, A, S) voxels of 1 mm
+    stored = np.transpose(ras[::-1], (0, 2, 1))  # voxel axes: L (R reversed), S, A
+    affine = np.zeros((4, 4))
+    affine[0, 0], affine[2, 1], affine[1, 2], affine[3, 3] = -1.0, 1.0, 1.0, 1.0
+    path = str(tmp_path / "head.nii.gz")
+    nib.save(nib.Nifti1Image(stored, affine), path)
+    layout = sources.get_layout("acdc")
+    volume = preprocess.load_volume(
+        Subject("head", path, None), layout, target_resolution=1.0, image_size=64, slice_axis="auto"
+    )
+    assert volume.image.shape == (30, 64, 64)  # one slice per S position
+    assert volume.geometry.axes == (1, 0, 2) and volume.geometry.flips == (False, True, False)
+    expected = preprocess.crop_or_pad(
+        np.transpose(preprocess.normalise_intensity(ras), (2, 0, 1)), 64
+    )[0]
+    np.testing.assert_allclose(volume.image, expected, atol=1e-5)
