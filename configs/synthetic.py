@@ -11,9 +11,12 @@ half the paper's widths, so that the paper's whole sweep fits in about 2 hours o
 
 (docs/EXPERIMENTS.md explains each budget; docs/RESULTS.md is that sweep's output). Its
 G^D + L^R tr1-c1 cell runs the same stages with the same seeds as the command above: G^D loss
-3.45 -> 1.57 in 132 s, L^R 19 s, fine-tuning + test evaluation 58 s (idle 2-core CPU, jax
+3.45 -> 1.57 in 132 s, L^R 19 s, fine-tuning + test evaluation 58 s (idle 2-core AMD EPYC, jax
 0.10.2), test Dice 0.717 ± 0.225 (RV 0.705, Myo 0.649, LV 0.797). The command above reproduced
-that Dice exactly, in 4.2 min wall with the data already prepared. The fine-tuning batch of 10
+that Dice exactly, in 4.2 min wall with the data already prepared. XLA:CPU's floating point
+depends on the processor: on a 2-core Intel Xeon (AVX-512) the same command gives G^D loss
+3.45 -> 1.58 and test Dice 0.745 ± 0.201 (RV 0.741, Myo 0.666, LV 0.828), with this commit and
+with the one that produced docs/RESULTS.md alike. The fine-tuning batch of 10
 slices must divide among the devices: on 1, 2, 5 or 10 devices as is, otherwise set
 --config.finetune.batch_size.
 

@@ -24,7 +24,7 @@ import ml_collections
 from jaxcl import augment, files
 from jaxcl.data import sources
 from jaxcl.data import splits as dataset_splits
-from jaxcl.data.preprocess import SLICE_AXES
+from jaxcl.data.orientation import SLICE_AXES
 from jaxcl.data.splits import Splits
 from jaxcl.losses import local
 from jaxcl.models import unet

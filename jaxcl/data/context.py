@@ -186,11 +186,16 @@ class DataContext:
                 return
         if distributed.is_main_process():
             files.write_atomically(path, json.dumps(record, indent=2))
+        labelled = "; ".join(
+            f"{size}-{c}={','.join(ids)}"
+            for size, combos in record["labelled"].items()
+            for c, ids in combos.items()
+        )
         logging.info(
-            "data: splits written to %s (test %d, val %d, labelled sets %s, pre-training %d).",
+            "data: splits written to %s: test %s; val %s; labelled %s; pre-training %d volumes.",
             path,
-            len(record["test"]),
-            len(record["val"]),
-            ", ".join(self.splits.labelled_sets()),
+            ",".join(record["test"]),
+            ",".join(record["val"]),
+            labelled,
             len(record["pretrain"]),
         )

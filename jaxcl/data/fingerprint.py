@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxcl.data import preprocess, sources
+from jaxcl.data import orientation, preprocess, sources
 from jaxcl.models import unet
 
 _MIN_IMAGE_SIZE = 64
@@ -37,7 +37,7 @@ class Fingerprint:
     Attributes:
       target_resolution: in-plane voxel size in mm after resampling.
       image_size: in-plane size S after centre crop / zero pad (when derived, a multiple of 32).
-      slice_axis: "auto" or one of `preprocess.SLICE_AXES`.
+      slice_axis: "auto" or one of `orientation.SLICE_AXES`.
       notes: one human-readable line per derived value, with its reason.
     """
 
@@ -80,7 +80,7 @@ def _read_header(path: str) -> _Header:
             "are needed to resample, fix the header."
         )
     try:
-        ras_axes = preprocess.canonical_orientation(affine)[0]
+        ras_axes = orientation.canonical_orientation(affine)[0]
     except sources.DataError as e:
         raise sources.DataError(f"{path}: {e}") from e
     return _Header(path, shape[:3], affine, spacing, tuple(spacing[a] for a in ras_axes))
@@ -91,7 +91,7 @@ def _round_up(value: float, multiple: int) -> int:
 
 
 def _slice_axis(header: _Header, slice_axis: str) -> str:
-    return preprocess.auto_slice_axis(header.spacing_ras) if slice_axis == "auto" else slice_axis
+    return orientation.auto_slice_axis(header.spacing_ras) if slice_axis == "auto" else slice_axis
 
 
 def _auto_slice_axis_note(headers: Sequence[_Header]) -> str:
@@ -99,7 +99,9 @@ def _auto_slice_axis_note(headers: Sequence[_Header]) -> str:
     counts = collections.Counter(_slice_axis(h, "auto") for h in headers)
     spacing_ras = np.median([h.spacing_ras for h in headers], axis=0)
     spacing_text = ", ".join(f"{s:.3g}" for s in spacing_ras)
-    axes = ", ".join(f"{axis} for {counts[axis]}" for axis in preprocess.SLICE_AXES if counts[axis])
+    axes = ", ".join(
+        f"{axis} for {counts[axis]}" for axis in orientation.SLICE_AXES if counts[axis]
+    )
     return (
         f"data.slice_axis = 'auto': each volume is sliced across its largest voxel size (axial "
         f"when isotropic within 10%): {axes} of {len(headers)} cases (median voxel "
@@ -112,7 +114,7 @@ def _derive_target_resolution(headers: Sequence[_Header], slice_axis: str) -> tu
     inplane = [
         h.spacing[a]
         for h in headers
-        for a in preprocess.network_orientation(h.affine, _slice_axis(h, slice_axis))[0][1:]
+        for a in orientation.network_orientation(h.affine, _slice_axis(h, slice_axis))[0][1:]
     ]
     target_resolution = float(f"{float(np.median(inplane)):.{_SIGNIFICANT_DIGITS}g}")
     return target_resolution, (
@@ -153,7 +155,7 @@ def _derive_image_size(
     """The in-plane size that holds the median case's foreground, and its note."""
     extents, windows = [], []
     for subject, header in zip(subjects, headers, strict=True):
-        axes = preprocess.network_orientation(header.affine, _slice_axis(header, slice_axis))[0]
+        axes = orientation.network_orientation(header.affine, _slice_axis(header, slice_axis))[0]
         extents.append(max(header.shape[a] * header.spacing[a] for a in axes[1:]))
         if subject.label_path is not None:
             classes = preprocess.read_classes(
@@ -196,15 +198,15 @@ def derive(
       layout: their dataset layout (label values of the foreground).
       target_resolution: in-plane mm, or None to derive it.
       image_size: in-plane size, or None to derive it.
-      slice_axis: one of `preprocess.SLICE_AXES`, or "auto" (per volume).
+      slice_axis: one of `orientation.SLICE_AXES`, or "auto" (per volume).
 
     Returns:
       The settings; given values are kept and get no note.
     """
-    if slice_axis != "auto" and slice_axis not in preprocess.SLICE_AXES:
+    if slice_axis != "auto" and slice_axis not in orientation.SLICE_AXES:
         raise sources.DataError(
             f"data.slice_axis={slice_axis!r} is invalid; use 'auto' or one of "
-            f"{preprocess.SLICE_AXES}."
+            f"{orientation.SLICE_AXES}."
         )
     if target_resolution is not None and image_size is not None:
         return Fingerprint(float(target_resolution), int(image_size), slice_axis, ())

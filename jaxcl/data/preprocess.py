@@ -6,18 +6,12 @@ axis -> optional N4 bias correction of the raw intensities -> percentile normali
 images, nearest for labels; slice spacing unchanged) -> centre crop / zero pad to the target size.
 
 Array layout. NIfTI data is indexed by voxel axes (X, Y, Z) in whatever order and direction the
-file was stored. `nibabel.orientations.io_orientation(affine)` names, per voxel axis, the closest
-world axis (R, A, S) and whether the axis runs the opposite way; permuting the voxel axes into
-R, A, S order and reversing the opposite ones gives the canonical array (as
-`nib.as_closest_canonical`, but as pure index operations). The network arrays are (Z, H, W): Z
-runs along the slice axis, one of `SLICE_AXES` = ("sagittal", "coronal", "axial") = canonical axes
-R, A, S, or "auto": each volume's own axis of largest spacing (`resolve_slice_axis`, axial when
-isotropic within 10%), and H, W are the two other canonical axes in R, A, S order (axial: H = R,
-W = A). A
-volume stored with permuted or flipped axes, or under an oblique affine, therefore gives the same
-slices in the same order. An already canonical volume sliced axially is transpose(data, (2, 0, 1)).
-`Geometry` keeps the permutation and flips, so `to_native` maps predictions back onto exactly the
-original voxel grid and the prediction NIfTI reuses the original affine and header unchanged.
+file was stored; the network arrays are (Z, H, W) in the closest canonical (RAS) orientation, cut
+along the slice axis (`jaxcl.data.orientation`). A volume stored with permuted or flipped axes,
+or under an oblique affine, therefore gives the same slices in the same order. An already
+canonical volume sliced axially is transpose(data, (2, 0, 1)). `Geometry` keeps the permutation
+and flips, so `to_native` maps predictions back onto exactly the original voxel grid and the
+prediction NIfTI reuses the original affine and header unchanged.
 
 Resampling uses `scipy.ndimage.zoom(..., grid_mode=True, mode="nearest")` in both directions:
 output pixel o of an axis resized from n to m samples reads input coordinate
@@ -37,12 +31,8 @@ import nibabel as nib
 import numpy as np
 import scipy.ndimage
 
+from jaxcl.data import orientation
 from jaxcl.data.sources import DataError, DatasetLayout, Subject
-
-# Canonical (RAS) axis 0, 1, 2 is the normal of sagittal, coronal, axial slices.
-SLICE_AXES = ("sagittal", "coronal", "axial")
-# A volume whose largest spacing is within this factor of its smallest counts as isotropic.
-_ISOTROPY_TOLERANCE = 1.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,108 +113,6 @@ class Volume:
     image: np.ndarray
     label: np.ndarray | None
     geometry: Geometry
-
-
-# Orientation --------------------------------------------------------------------------------
-
-
-def canonical_orientation(affine: np.ndarray) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-    """Closest canonical (RAS) orientation of a voxel grid.
-
-    Args:
-      affine: (4, 4) voxel-to-world matrix.
-
-    Returns:
-      voxel_axes: (3,) for each canonical axis R, A, S, the voxel axis closest to it.
-      reversed: (3,) for each canonical axis, whether that voxel axis points the opposite way.
-    """
-    ornt = nib.orientations.io_orientation(np.asarray(affine, np.float64))
-    if np.isnan(ornt).any():
-        raise DataError(
-            f"the affine {np.asarray(affine).tolist()} is degenerate (a voxel axis has no "
-            "direction in space); fix the header's qform/sform."
-        )
-    voxel_axes, reversed_ = [0, 0, 0], [False, False, False]
-    for voxel_axis, (ras_axis, direction) in enumerate(ornt):
-        voxel_axes[int(ras_axis)] = voxel_axis
-        reversed_[int(ras_axis)] = bool(direction < 0)
-    return tuple(voxel_axes), tuple(reversed_)
-
-
-def _check_slice_axis(slice_axis: str) -> None:
-    if slice_axis not in SLICE_AXES:
-        raise DataError(
-            f"slice_axis={slice_axis!r} is not one of {SLICE_AXES}; set data.slice_axis to one of "
-            "them or 'auto' (resolved per volume by resolve_slice_axis)."
-        )
-
-
-def resolve_slice_axis(slice_axis: str, affine: np.ndarray, spacing: Sequence[float]) -> str:
-    """`slice_axis`, or for "auto" the volume's canonical axis of largest spacing.
-
-    Per volume, so that stacks whose slice normal is closest to different RAS axes (oblique
-    cardiac short-axis stacks) are all cut along their thick axis; isotropic volumes: axial.
-
-    Args:
-      slice_axis: "auto" or one of `SLICE_AXES`.
-      affine: (4, 4) voxel-to-world matrix.
-      spacing: (3,) voxel sizes in mm along X, Y, Z.
-    """
-    if slice_axis != "auto":
-        _check_slice_axis(slice_axis)
-        return slice_axis
-    voxel_axes = canonical_orientation(affine)[0]
-    return auto_slice_axis([float(spacing[a]) for a in voxel_axes])
-
-
-def network_orientation(
-    affine: np.ndarray, slice_axis: str
-) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-    """Voxel axis and direction of each network axis (Z, H, W) (see the module docstring).
-
-    Args:
-      affine: (4, 4) voxel-to-world matrix.
-      slice_axis: one of `SLICE_AXES`.
-
-    Returns:
-      axes: (3,) NIfTI voxel axis of Z, H and W.
-      flips: (3,) whether Z, H and W run opposite to their voxel axes.
-    """
-    _check_slice_axis(slice_axis)
-    slice_ras = SLICE_AXES.index(slice_axis)
-    ras_order = (slice_ras, *(a for a in range(3) if a != slice_ras))
-    voxel_axes, reversed_ = canonical_orientation(affine)
-    return tuple(voxel_axes[a] for a in ras_order), tuple(reversed_[a] for a in ras_order)
-
-
-def auto_slice_axis(spacing_ras: Sequence[float]) -> str:
-    """The canonical axis of largest spacing; "axial" for isotropic volumes (within 10%).
-
-    Args:
-      spacing_ras: (3,) voxel size in mm along the canonical axes R, A, S.
-
-    Ties prefer axial, then coronal.
-    """
-    spacing = np.asarray(spacing_ras, np.float64)
-    if spacing.max() <= _ISOTROPY_TOLERANCE * spacing.min():
-        return "axial"
-    return SLICE_AXES[2 - int(np.argmax(spacing[::-1]))]
-
-
-def _flip_index(flips: Sequence[bool]) -> tuple[slice, ...]:
-    return tuple(slice(None, None, -1) if flip else slice(None) for flip in flips)
-
-
-def to_network(volume: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
-    """(X, Y, Z, ...) voxel array -> (Z, H, W, ...) network array (a view; trailing axes kept)."""
-    order = (*axes, *range(3, volume.ndim))
-    return np.transpose(volume, order)[_flip_index(flips)]
-
-
-def from_network(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
-    """Inverse of `to_network`: (Z, H, W, ...) -> (X, Y, Z, ...) (a view)."""
-    back = tuple(int(i) for i in np.argsort(axes))
-    return np.transpose(array[_flip_index(flips)], (*back, *range(3, array.ndim)))
 
 
 # Pure array functions -----------------------------------------------------------------------
@@ -471,7 +359,7 @@ def preprocess_image(
       spacing: header voxel sizes in mm along X, Y, Z (further entries are ignored).
       target_resolution: in-plane voxel size in mm after resampling.
       image_size: in-plane size S after centre crop / zero pad.
-      slice_axis: one of `SLICE_AXES`, or "auto" (see `resolve_slice_axis`).
+      slice_axis: "auto" or one of `orientation.SLICE_AXES` (`orientation.resolve_slice_axis`).
       n4: apply N4 bias correction to the raw intensities (needs SimpleITK).
 
     Returns:
@@ -488,8 +376,10 @@ def preprocess_image(
             f"voxel sizes {spacing} in the image header are not 3 positive numbers; positive "
             "X, Y, Z spacings (pixdim) are needed to resample, fix the header."
         )
-    axes, flips = network_orientation(affine, resolve_slice_axis(slice_axis, affine, spacing))
-    image = to_network(np.asarray(native, np.float32), axes, flips)
+    axes, flips = orientation.network_orientation(
+        affine, orientation.resolve_slice_axis(slice_axis, affine, spacing)
+    )
+    image = orientation.to_network(np.asarray(native, np.float32), axes, flips)
     if n4:
         image = n4_bias_correction(image, tuple(spacing[a] for a in axes))
     spacing_hw = (spacing[axes[1]], spacing[axes[2]])
@@ -512,7 +402,7 @@ def preprocess_label(
     classes: np.ndarray, geometry: Geometry, *, target_resolution: float, image_size: int
 ) -> np.ndarray:
     """(X, Y, Z) class indices -> (Z, S, S) uint8, on the grid of the image of `geometry`."""
-    network = to_network(np.asarray(classes, np.uint8), geometry.axes, geometry.flips)
+    network = orientation.to_network(np.asarray(classes, np.uint8), geometry.axes, geometry.flips)
     network = resample_inplane(network, geometry.inplane_spacing, target_resolution, order=0)
     return crop_or_pad(network, image_size)[0]
 
@@ -533,14 +423,14 @@ def load_volume(
       layout: the dataset's layout (label map, channel of 4D images).
       target_resolution: in-plane voxel size in mm after resampling.
       image_size: in-plane size after centre crop / zero pad.
-      slice_axis: one of `SLICE_AXES`, or "auto" (see `resolve_slice_axis`).
+      slice_axis: "auto" or one of `orientation.SLICE_AXES` (`orientation.resolve_slice_axis`).
       n4: apply N4 bias correction first (needs SimpleITK).
 
     Returns:
       Volume with image (Z, image_size, image_size) float32, label uint8 or None, geometry.
     """
     if slice_axis != "auto":
-        _check_slice_axis(slice_axis)
+        orientation.check_slice_axis(slice_axis)
     data, affine, zooms = read_nifti(subject.image_path)
     native = select_channel(data, layout.channel, subject.image_path).astype(np.float32)
     try:
@@ -592,4 +482,4 @@ def to_native(probabilities: np.ndarray, geometry: Geometry) -> np.ndarray:
     )
     frame[..., 0] += 1.0 - covered
     native = resize_inplane(frame, network_shape[1:], order=1)
-    return from_network(native, geometry.axes, geometry.flips)
+    return orientation.from_network(native, geometry.axes, geometry.flips)

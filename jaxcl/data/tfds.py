@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from jaxcl.data import preprocess, sources, splits, synthetic
+from jaxcl.data import orientation, preprocess, sources, splits, synthetic
 
 _SPLIT = "volumes"  # every subject; the paper splits are applied by subject id afterwards
 _MANUAL_DATASETS = ("acdc", "prostate", "mmwhs", "folder")
@@ -46,7 +46,7 @@ class VolumesConfig(tfds.core.BuilderConfig):
       dataset: layout name ("acdc", "prostate", "mmwhs", "folder", "synthetic").
       target_resolution: in-plane voxel size in mm after resampling.
       image_size: in-plane size S after crop/pad.
-      slice_axis: one of `preprocess.SLICE_AXES`, the canonical axis slices are taken along, or
+      slice_axis: one of `orientation.SLICE_AXES`, the canonical axis slices are taken along, or
         "auto" (each volume's axis of largest spacing).
       frame: "ED" or "ES" for acdc/synthetic, None otherwise.
       n4: whether N4 bias correction was applied.
@@ -90,9 +90,9 @@ def volumes_config(
     prepares a new copy. The fixed layouts can be moved without re-preparing. ``frame`` defaults
     to "ED" for acdc and synthetic and must be None for the other layouts.
     """
-    if slice_axis not in ("auto", *preprocess.SLICE_AXES):
+    if slice_axis not in ("auto", *orientation.SLICE_AXES):
         raise sources.DataError(
-            f"slice_axis={slice_axis!r} is not 'auto' or one of {preprocess.SLICE_AXES}; set "
+            f"slice_axis={slice_axis!r} is not 'auto' or one of {orientation.SLICE_AXES}; set "
             "data.slice_axis to one of them."
         )
     if dataset in _FRAME_DATASETS:
@@ -295,7 +295,7 @@ def load_volumes(
       data_dir: where prepared datasets are stored and reused.
       target_resolution: in-plane mm; None uses the layout's default (SPEC §7).
       image_size: in-plane size after crop/pad; None uses the layout's default.
-      slice_axis: "auto" or one of `preprocess.SLICE_AXES`.
+      slice_axis: "auto" or one of `orientation.SLICE_AXES`.
       frame: "ED" (default) or "ES" for acdc/synthetic.
       n4: N4 bias correction (needs SimpleITK).
       subject_ids: return only these subjects; DataError naming any that are not in the dataset.

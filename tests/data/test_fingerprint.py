@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from jaxcl.data import fingerprint, preprocess, sources
+from jaxcl.data import fingerprint, orientation, preprocess, sources
 from jaxcl.data.sources import DataError, Subject
 from jaxcl.models import unet
 
@@ -92,7 +92,7 @@ def test_isotropic_volume_is_axial_from_its_header_only(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 0.5
     assert derived == fingerprint.Fingerprint(1.0, 192, "auto", derived.notes)
     assert len(derived.notes) == 2 and "axial for 1 of 1 cases" in derived.notes[0]
-    assert preprocess.auto_slice_axis((1.0, 1.05, 1.0)) == "axial"  # isotropic within 10%
+    assert orientation.auto_slice_axis((1.0, 1.05, 1.0)) == "axial"  # isotropic within 10%
 
 
 def test_thick_first_axis_is_sagittal(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from jaxcl.data import preprocess, sources, synthetic
+from jaxcl.data import orientation, preprocess, sources, synthetic
 from jaxcl.data.sources import DataError, Subject
 
 
@@ -415,39 +415,39 @@ def _network_to_voxel_loop(shape_xyz, axes, flips):
 
 def test_orientation_hand_cases():
     # LPS storage (the DICOM convention): X runs right -> left, Y anterior -> posterior.
-    assert preprocess.canonical_orientation(np.diag([-1.0, -2.0, 3.0, 1.0])) == (
+    assert orientation.canonical_orientation(np.diag([-1.0, -2.0, 3.0, 1.0])) == (
         (0, 1, 2),
         (True, True, False),
     )
     # Voxel X points superior, Y left (R reversed), Z anterior.
     affine = np.eye(4)
     affine[:3, :3] = [[0, -1, 0], [0, 0, 1], [1, 0, 0]]
-    assert preprocess.canonical_orientation(affine) == ((1, 2, 0), (True, False, False))
+    assert orientation.canonical_orientation(affine) == ((1, 2, 0), (True, False, False))
     expected = {
         "axial": ((0, 1, 2), (False, True, False)),  # (S, R, A)
         "sagittal": ((1, 2, 0), (True, False, False)),  # (R, A, S)
         "coronal": ((2, 1, 0), (False, True, False)),  # (A, R, S)
     }
-    for slice_axis, orientation in expected.items():
-        assert preprocess.network_orientation(affine, slice_axis) == orientation
-    assert preprocess.network_orientation(np.eye(4), "axial") == ((2, 0, 1), (False,) * 3)
+    for slice_axis, axes_and_flips in expected.items():
+        assert orientation.network_orientation(affine, slice_axis) == axes_and_flips
+    assert orientation.network_orientation(np.eye(4), "axial") == ((2, 0, 1), (False,) * 3)
     with pytest.raises(DataError, match="degenerate.*qform/sform"):
-        preprocess.canonical_orientation(np.diag([1.0, 0.0, 1.0, 1.0]))
+        orientation.canonical_orientation(np.diag([1.0, 0.0, 1.0, 1.0]))
     # "auto" picks each volume's thick axis before the orientation is worked out.
-    assert preprocess.resolve_slice_axis("auto", affine, (1.0, 1.0, 3.0)) == "coronal"  # Z is A
-    assert preprocess.resolve_slice_axis("auto", np.eye(4), (5.0, 1.0, 1.0)) == "sagittal"
-    assert preprocess.resolve_slice_axis("coronal", np.eye(4), (5.0, 1.0, 1.0)) == "coronal"
+    assert orientation.resolve_slice_axis("auto", affine, (1.0, 1.0, 3.0)) == "coronal"  # Z is A
+    assert orientation.resolve_slice_axis("auto", np.eye(4), (5.0, 1.0, 1.0)) == "sagittal"
+    assert orientation.resolve_slice_axis("coronal", np.eye(4), (5.0, 1.0, 1.0)) == "coronal"
     with pytest.raises(DataError, match=r"slice_axis='auto' is not one of"):
-        preprocess.network_orientation(np.eye(4), "auto")
+        orientation.network_orientation(np.eye(4), "auto")
 
 
 def test_auto_slice_axis_hand_cases():
-    assert preprocess.auto_slice_axis((1.4, 1.4, 10.0)) == "axial"
-    assert preprocess.auto_slice_axis((10.0, 1.4, 1.4)) == "sagittal"
-    assert preprocess.auto_slice_axis((0.7, 4.0, 0.7)) == "coronal"
-    assert preprocess.auto_slice_axis((1.09, 1.0, 1.0)) == "axial"  # isotropic within 10%
-    assert preprocess.auto_slice_axis((1.2, 1.0, 1.0)) == "sagittal"
-    assert preprocess.auto_slice_axis((5.0, 5.0, 1.0)) == "coronal"  # ties prefer coronal
+    assert orientation.auto_slice_axis((1.4, 1.4, 10.0)) == "axial"
+    assert orientation.auto_slice_axis((10.0, 1.4, 1.4)) == "sagittal"
+    assert orientation.auto_slice_axis((0.7, 4.0, 0.7)) == "coronal"
+    assert orientation.auto_slice_axis((1.09, 1.0, 1.0)) == "axial"  # isotropic within 10%
+    assert orientation.auto_slice_axis((1.2, 1.0, 1.0)) == "sagittal"
+    assert orientation.auto_slice_axis((5.0, 5.0, 1.0)) == "coronal"  # ties prefer coronal
 
 
 @pytest.mark.parametrize(
@@ -455,10 +455,10 @@ def test_auto_slice_axis_hand_cases():
 )
 def test_to_network_and_back_match_an_index_loop(axes, flips):
     volume = np.random.default_rng(7).normal(size=(4, 3, 5, 2))  # trailing channel axis
-    network = preprocess.to_network(volume, axes, flips)
+    network = orientation.to_network(volume, axes, flips)
     for index, voxel in _network_to_voxel_loop(volume.shape[:3], axes, flips).items():
         np.testing.assert_array_equal(network[index], volume[voxel])
-    np.testing.assert_array_equal(preprocess.from_network(network, axes, flips), volume)
+    np.testing.assert_array_equal(orientation.from_network(network, axes, flips), volume)
 
 
 def test_to_native_undoes_axes_and_flips():
