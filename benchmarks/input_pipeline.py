@@ -52,7 +52,7 @@ _NUM_PARTITIONS = 4
 
 
 def _batch_kinds(pretrain: pipeline.SlicePool, labelled: pipeline.SlicePool):
-    """Name -> StepBatches with the paper's batch shapes (SPEC §2-§4, §8)."""
+    """Name -> StepBatches with the paper's batch shapes (docs/METHOD.md §7)."""
     seed = 0
     return {
         "random G^R 24x2": pipeline.random_slice_batches(

@@ -50,10 +50,10 @@ _SLOW_CASE_BUDGET_S = 10.0
 _PARTITIONS = 4
 _VIEWS = 2
 
-# The original's 17 local region positions by name (SPEC §3): the 13 anchors, then the 4 positions
-# used only as negatives, and for each anchor its 5 negative positions in the original code, spelt
-# out again here (not taken from jaxcl.losses.local) so the loop form checks the vectorised kernel
-# independently.
+# The original's 17 local region positions by name (docs/METHOD.md §5): the 13 anchors, then the 4
+# positions used only as negatives, and for each anchor its 5 negative positions in the original
+# code, spelt out again here (not taken from jaxcl.losses.local) so the loop form checks the
+# vectorised kernel independently.
 _PAPER_POSITION_NAMES = (
     "aa am ae ma mm me ea em ee qq qt tq tt " + "qm mq mt tm"  # anchors, then negatives only
 ).split()

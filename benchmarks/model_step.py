@@ -4,9 +4,9 @@ Each case jits one optimiser step of a stage model at the paper's batch size on 
 `value_and_grad` of a stand-in loss of the right kind, then Adam (lr 1e-3) on the trained
 parameters, new BatchNorm statistics carried out. The cases:
 
-- `finetune`: UNet (4 classes), batch 20, soft Dice loss (SPEC §8 step 3);
+- `finetune`: UNet (4 classes), batch 20, soft Dice loss (docs/METHOD.md §9);
 - `global`: GlobalContrastiveModel (encoder + g1), batch 48, loss = sum of squared embeddings
-  (the G^D batch of SPEC §2; the contrastive kernel itself is benchmarked in losses.py);
+  (the G^D batch of docs/METHOD.md §7; the contrastive kernel itself is benchmarked in losses.py);
 - `local`: LocalContrastiveModel (encoder frozen + 3 decoder blocks + g2 + region embedding),
   batch 20, loss = sum of squared region embeddings, only the non-encoder parameters trained.
 
@@ -55,7 +55,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed steps per case (the median
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 192, "Square image side (multiple of 32).")
 _PEAK_SIZE = flags.DEFINE_integer("peak_size", 2048, "Side of the matrices of the peak matmul.")
-_FINETUNE_BATCH = flags.DEFINE_integer("finetune_batch", 20, "Fine-tuning batch (SPEC §8).")
+_FINETUNE_BATCH = flags.DEFINE_integer(
+    "finetune_batch", 20, "Fine-tuning batch (docs/METHOD.md §9)."
+)
 _GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 48, "Global pre-training batch (G^D).")
 _LOCAL_BATCH = flags.DEFINE_integer("local_batch", 20, "Local pre-training batch (L^R).")
 
@@ -96,7 +98,7 @@ def matmul_peak_gflops(size: int, repeats: int = 10) -> tuple[float, float]:
 
 
 def _paper_positions(size: int) -> tuple[tuple[int, int], ...]:
-    """SPEC §3's 13 region positions on a size x size map."""
+    """The 13 region positions of docs/METHOD.md §5 on a size x size map."""
     w = size - 4
     a, m, e, q, t = 0, w // 2, w, w // 4, (3 * w) // 4
     return tuple([(u, v) for u in (a, m, e) for v in (a, m, e)] + [(q, q), (q, t), (t, q), (t, t)])

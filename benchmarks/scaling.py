@@ -61,7 +61,8 @@ EMBEDDING, HIDDEN = 128, 1024
 GIB, MIB = 2**30, 2**20
 GLOBAL = ("GR", "GD-", "GD")
 STRATEGIES = (*GLOBAL, *recipes.BYOL_STRATEGIES, *recipes.LOCAL_STRATEGIES, "finetune")
-PAPER_STAGES = ("GD", "LR", "finetune")  # SPEC §8 on ACDC: G^D, then L^R, then fine-tuning
+# docs/METHOD.md §9 on ACDC: G^D, then L^R, then fine-tuning.
+PAPER_STAGES = ("GD", "LR", "finetune")
 # Adam per trained parameter: read parameter, gradient, m, v and write parameter, m, v (float32).
 ADAM_BYTES = 7 * 4
 # Activation-sized HBM passes of the BatchNorm + ReLU after a layer. Trained: statistics (read),
@@ -123,7 +124,7 @@ def _recipe(strategy: str) -> recipes.BatchRecipe:
 
 
 def images_per_step(strategy: str) -> int:
-    """Images of one paper batch of `strategy` ("finetune": SPEC §8's 20)."""
+    """Images of one paper batch of `strategy` ("finetune": 20, docs/METHOD.md §7)."""
     config = acdc.get_config()
     if strategy == "finetune":
         return config.finetune.batch_size
@@ -287,7 +288,7 @@ def dense(name: str, fan_in: int, fan_out: int, batch_norm: bool = False) -> Lay
 def unet_layers(
     size: int, filters: Sequence[int] = DEFAULT_FILTERS, num_classes: int = NUM_CLASSES
 ) -> list[Layer]:
-    """The UNet's convolutions for size² inputs (SPEC §5): encoder, decoder, segmentation head."""
+    """The UNet's convolutions for size² inputs (docs/METHOD.md §1): encoder, decoder, head."""
     layers, channels = [], 1
     for level, features in enumerate(filters, start=1):
         for index in (1, 2):
@@ -394,7 +395,8 @@ def contrast_counts(strategy: str, num_devices: int) -> tuple[int, int, int]:
 
     Every device holds the paper's batch of `strategy`; S partitions. For G^R, G^{D-}, G^D an
     anchor is an image; for L^R, L^D it is a region of the 17 "paper" positions with
-    negatives="all" (SPEC §3), its group a slice (L^R) or a partition of the global batch (L^D).
+    negatives="all" (docs/METHOD.md §5), its group a slice (L^R) or a partition of the global
+    batch (L^D).
     """
     if strategy not in (*GLOBAL, *recipes.LOCAL_STRATEGIES):
         raise ValueError(

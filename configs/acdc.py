@@ -1,4 +1,4 @@
-r"""ACDC (end-diastole), the paper's protocol and hyper-parameters (SPEC §7-§8).
+r"""ACDC (end-diastole), the paper's protocol and hyper-parameters (docs/METHOD.md §9-§10).
 
   python -m jaxcl.main --config=configs/acdc.py --workdir=DIR --config.data.root=/data/ACDC
 

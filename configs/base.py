@@ -1,4 +1,4 @@
-"""Shared defaults: the paper's protocol and hyper-parameters (SPEC §8).
+"""Shared defaults: the paper's protocol and hyper-parameters (docs/METHOD.md §9).
 
 Dataset configs (`configs/<dataset>.py`) start from `get_config()` here and set the data
 section. Batch-size keys left at None take the paper's value for the chosen strategy

@@ -1,4 +1,4 @@
-r"""MM-WHS (MR), the paper's protocol and hyper-parameters (SPEC §7-§8).
+r"""MM-WHS (MR), the paper's protocol and hyper-parameters (docs/METHOD.md §9-§10).
 
   python -m jaxcl.main --config=configs/mmwhs.py --workdir=DIR --config.data.root=/data/MMWHS
 

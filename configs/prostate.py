@@ -1,4 +1,4 @@
-r"""MSD Prostate (Task05, T2), the paper's protocol and hyper-parameters (SPEC §7-§8).
+r"""MSD Prostate (Task05, T2), the paper's protocol and hyper-parameters (docs/METHOD.md §9-§10).
 
   python -m jaxcl.main --config=configs/prostate.py --workdir=DIR --config.data.root=/data/Task05
 

@@ -1,11 +1,11 @@
-"""On-device data augmentation (SPEC §6), pure JAX, one PRNG key per example.
+"""On-device data augmentation (docs/METHOD.md §8), pure JAX, one PRNG key per example.
 
 Three recipes, each for one example and batched with a key per example:
 
 - global pre-training views (`global_view`, `augment_global`): a random crop of
   `crop_fraction` of the image, resized back bilinearly, then brightness and contrast, clipped;
 - local pre-training views (`local_view`, `augment_local`): brightness and contrast only, so a
-  pixel position shows the same anatomy in every view of a slice (SPEC §3);
+  pixel position shows the same anatomy in every view of a slice (docs/METHOD.md §5);
 - fine-tuning pairs (`finetune_pair`, `augment_finetune`): one of {small rotation, scale,
   left-right flip, rotation by a multiple of 45°, identity}, then an elastic deformation, then
   brightness and contrast on the image only.
@@ -16,9 +16,9 @@ composed into one map and image and label are sampled once from it (image biline
 nearest), so the two always receive exactly the same geometry and nothing is interpolated twice.
 Positions outside the input read 0 (background for labels).
 
-Intensity augmentation is drawn per image (SPEC §11). Everything is jit/vmap/pmap friendly;
-bind the config with `functools.partial` before `jax.jit`. Under `pmap`, give each device its
-own key (e.g. `jax.random.fold_in(key, jax.lax.axis_index("batch"))`).
+Intensity augmentation is drawn per image (docs/METHOD.md §13). Everything is jit/vmap/pmap
+friendly; bind the config with `functools.partial` before `jax.jit`. Under `pmap`, give each
+device its own key (e.g. `jax.random.fold_in(key, jax.lax.axis_index("batch"))`).
 
 Shapes: images are (H, W, C) per example, (B, H, W, C) batched (C = 1 in jaxcl); labels are
 (H, W) / (B, H, W) integer class maps.
@@ -44,7 +44,7 @@ VIEW_KINDS = ("global", "local")
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-    """Augmentation parameters; defaults are the SPEC §6 values.
+    """Augmentation parameters; defaults are the values of docs/METHOD.md §8.
 
     Attributes:
       crop_fraction: side of the global-view crop as a fraction of the image side (100/192 as

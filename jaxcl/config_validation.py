@@ -48,7 +48,7 @@ _POSITIVE = {
 _STAGE_POSITIVE = {"steps": "e.g. 10000", "learning_rate": "the paper uses 1e-3"}
 _FINETUNE_POSITIVE = {**_STAGE_POSITIVE, "val_every": "e.g. 50 steps", "batch_size": "e.g. 20"}
 _CONTRASTIVE_POSITIVE = {"temperature": "the paper uses 0.1"}
-# Strategies whose positives are the other views of the same slice (SPEC §2-§3).
+# Strategies whose positives are the other views of the same slice (docs/METHOD.md §4-§5).
 _SAME_SLICE_POSITIVES = ("GR", "GD-", "LR")
 _FRAME_DATASETS = ("acdc", "synthetic")  # datasets with a cardiac phase (config.data.frame)
 _SOURCES = {"encoder_from": "pretrain_global", "decoder_from": "pretrain_local"}

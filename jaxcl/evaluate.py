@@ -1,4 +1,4 @@
-"""Test-set evaluation (SPEC §9): slice-wise inference, native-grid 3D Dice, NIfTI and reports.
+"""Test evaluation (docs/METHOD.md §11): slice-wise inference, native-grid 3D Dice, NIfTI, reports.
 
 Per test volume:
   1. `predict_volume`: the network runs on the preprocessed slices in fixed-size chunks (the last
@@ -128,7 +128,7 @@ def predict_volume(
 def predict_native(
     apply_fn: ApplyFn, volume: preprocess.Volume, *, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> np.ndarray:
-    """(X, Y, Z) uint8 predicted class indices on the volume's native NIfTI grid (SPEC §9)."""
+    """(X, Y, Z) uint8 predicted classes on the volume's native NIfTI grid (docs/METHOD.md §11)."""
     probabilities = predict_volume(apply_fn, volume, chunk_size=chunk_size)
     return np.argmax(preprocess.to_native(probabilities, volume.geometry), axis=-1).astype(np.uint8)
 

@@ -1,4 +1,4 @@
-"""Tests for jaxcl.augment (SPEC §6).
+"""Tests for jaxcl.augment (docs/METHOD.md §8).
 
 Geometry is read back through ramp images: an image whose channels hold (row + 1, col + 1, 1)
 shows, after a bilinear warp, the exact source position of every output pixel whose four taps

@@ -1,7 +1,7 @@
 """`config_validation.validate`: every impossible value is listed, with its key and its fix.
 
 The expected values (nearest batch sizes, valid names, pool sizes) are worked out by hand from the
-paper's batches (SPEC §2-§3), the splits (SPEC §7, §10) and the UNet's 5 poolings (SPEC §5).
+paper's batches (docs/METHOD.md §7), the splits (§10, §12) and the UNet's 5 poolings (§1).
 """
 
 import functools

@@ -32,7 +32,7 @@ from jaxcl.train import loop, trainer
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = ("pretrain_global", "pretrain_local", "finetune", "evaluate")
 TRAINED_STAGES = STAGES[:3]
-NUM_TEST_SUBJECTS = 16  # SPEC §10: test 044-059
+NUM_TEST_SUBJECTS = 16  # docs/METHOD.md §12: test 044-059
 # More fine-tuning steps than :quick's 6, so that a run can be stopped between checkpoints
 # (every 3 steps; validation every 3, logs every 2).
 QUICK_FLAGS = ["--config=configs/synthetic.py:quick", "--config.finetune.steps=12"]
@@ -154,7 +154,7 @@ def test_quick_config_runs_all_stages(quick_run, session_dirs):
         assert subject["mean"] == pytest.approx(np.mean(list(subject["dice"].values())))
     assert "| mean" in (evaluate_dir / "results.md").read_text()
 
-    # Predictions on the native grid with the original affine (SPEC §9).
+    # Predictions on the native grid with the original affine (docs/METHOD.md §11).
     root = volumes_tfds.synthetic_root(str(session_dirs["data"]))
     originals = {
         s.subject_id: s.image_path

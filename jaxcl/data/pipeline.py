@@ -4,7 +4,7 @@ All slices of the chosen volumes live in one contiguous ``(N, H, W)`` float32 ar
 :class:`SlicePool`, with per-slice index tables (volume, partition). A batch is *planned* as integer
 indices into that array by a random generator derived from ``(seed, step)`` only, then *gathered*
 with ``np.take``. Nothing here augments: the views of a slice are identical copies and the device
-step augments each one with its own key (SPEC §6).
+step augments each one with its own key (docs/METHOD.md §8).
 
 Why a numpy gather instead of tf.data: a batch is one gather from an in-memory array, which numpy
 does at memory bandwidth; the same plans gathered through tf.data (``from_generator`` +
@@ -23,7 +23,7 @@ Batch layout (the step functions and the losses rely on it):
     views share ``sample_id`` and image.
   - ``structured`` (G^{D-}, G^D, L^D): ``m`` distinct volumes x ``S`` partitions, one random slice
     per partition; units ordered (volume, partition). View 0 is the one G^{D-}/G^D keep
-    un-augmented (SPEC §2).
+    un-augmented (docs/METHOD.md §4).
   - ``paired`` (BYOL-D): ``P`` pairs of volumes (all ``2P`` distinct) x ``S`` partitions; a unit
     is (pair, partition) and its two views are *different* slices of partition ``p``: view 0 from
     the pair's first volume, view 1 from its second. So ``image.reshape(U, 2, ...)`` gives the
@@ -71,7 +71,7 @@ class SlicePool:
       labels: (N, H, W) uint8 class indices, or None when any volume is unlabelled.
       subject_ids: (num_volumes,) subject id of each volume (``volume_id`` indexes it).
       slice_volume: (N,) int32 volume index of each slice.
-      slice_partition: (N,) int32 partition of each slice within its volume (SPEC §2).
+      slice_partition: (N,) int32 partition of each slice within its volume (docs/METHOD.md §2).
       num_partitions: S, the number of partitions per volume.
     """
 
@@ -113,7 +113,7 @@ def build_slice_pool(
     Args:
       volumes: preprocessed volumes, all with the same in-plane shape (H, W).
       subject_ids: which volumes to use; None uses all of them in the given order.
-      num_partitions: S, for the per-slice partition ids (SPEC §2).
+      num_partitions: S, for the per-slice partition ids (docs/METHOD.md §2).
       require_labels: raise if a selected volume has no label (fine-tuning pools).
 
     Raises:

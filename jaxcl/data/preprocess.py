@@ -205,7 +205,7 @@ def uncrop_or_unpad(
 
 
 def partition_ids(num_slices: int, n_partitions: int) -> np.ndarray:
-    """(Z,) int32 partition of each slice: min(floor(i * S / N), S - 1) (SPEC §2)."""
+    """(Z,) int32 partition of each slice: min(floor(i * S / N), S - 1) (docs/METHOD.md §2)."""
     if not 1 <= n_partitions <= num_slices:
         raise ValueError(
             f"n_partitions={n_partitions} must be between 1 and the number of slices "

@@ -1,21 +1,20 @@
-"""The paper's subject splits (SPEC §7) and the synthetic dataset's splits (SPEC §10), as data.
+"""The paper's subject splits (docs/METHOD.md §10) and the synthetic dataset's (§12), as data.
 
 Split names: "pretrain" (unlabelled pool for pre-training), "tr1"/"tr2"/"tr8" (labelled subsets of
 1, 2 or 8 volumes, combinations "c1".."c5" for tr1/tr2 and "c1".."c3" for tr8; MM-WHS has only
 "c1".."c4" for tr2, as in the original), "val" and "test".
 
 Validation sets depend on the labelled set in the original code; `get_split(d, "val", "tr1-c2")`
-returns the one that goes with labelled set tr1-c2, `get_split(d, "val")` the default. The
-per-combination validation pairs of prostate and MM-WHS, which SPEC §7 only summarises
-("013 014, or 017 020 / 025 028 where the original varies it"; "two of 1001-1010 not in the
-labelled set"), are taken from the original code's data configuration, the source of every list in
-SPEC §7. Their defaults are the pair used with c1 of every size: prostate 013 014, MM-WHS 1002 1005.
+returns the one that goes with labelled set tr1-c2, `get_split(d, "val")` the default. Like
+every list here, the per-combination validation pairs of prostate and MM-WHS are taken from the
+original code's data configuration. Their defaults are the pair used with c1 of every size:
+prostate 013 014, MM-WHS 1002 1005.
 
-Synthetic (SPEC §10): pretrain 000-039, val 040-043, test 044-059; subject k belongs to group
-k % 5 (0 NOR, 1 DCM, 2 HCM, 3 MINF, 4 RV). The labelled subsets are fixed lists built like ACDC's:
-tr1 c1..c5 take one subject of each group (000 NOR, 011 DCM, 022 HCM, 033 MINF, 004 RV); each tr2
-combination pairs two of those five from different groups; each tr8 combination is those five plus
-three more from different groups, so every group is represented.
+Synthetic (docs/METHOD.md §12): pretrain 000-039, val 040-043, test 044-059; subject k belongs to
+group k % 5 (0 NOR, 1 DCM, 2 HCM, 3 MINF, 4 RV). The labelled subsets are fixed lists built like
+ACDC's: tr1 c1..c5 take one subject of each group (000 NOR, 011 DCM, 022 HCM, 033 MINF, 004 RV);
+each tr2 combination pairs two of those five from different groups; each tr8 combination is those
+five plus three more from different groups, so every group is represented.
 """
 
 from __future__ import annotations

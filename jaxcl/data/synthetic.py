@@ -1,4 +1,4 @@
-"""Built-in synthetic short-axis cardiac cine-MRI dataset (SPEC §10), written in the ACDC layout.
+"""Built-in synthetic short-axis cardiac cine-MRI dataset in the ACDC layout (docs/METHOD.md §12).
 
 Each subject comes from its own random stream derived from (seed, subject index), so subject k is
 the same whatever the number of subjects. Its sampled anatomy (jaxcl.data.synthetic_anatomy) is

@@ -1,4 +1,4 @@
-"""The sampled anatomy of one synthetic cardiac subject (SPEC §10): what lies where, in mm.
+"""Sampled anatomy of one synthetic cardiac subject (docs/METHOD.md §12): what lies where, in mm.
 
 `sample_anatomy` draws everything random about a subject except its image noise: the image grid
 and spacing, the heart's sizes at end-diastole and end-systole for its group (NOR, DCM, HCM, MINF,

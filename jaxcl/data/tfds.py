@@ -11,13 +11,14 @@ midway is never mistaken for a complete one; the next call starts again from scr
 
 Sources: acdc / prostate / mmwhs / folder read a manually downloaded root (TFDS ``manual_dir``;
 ``MANUAL_DOWNLOAD_INSTRUCTIONS`` says where to get each); "synthetic" generates its NIfTI files
-once into ``DATA_DIR/jaxcl_synthetic/<size>-<seed>-v<version>/`` (SPEC §10) and is read from
-there like a download, so evaluation can compare against the native NIfTI files.
+once into ``DATA_DIR/jaxcl_synthetic/<size>-<seed>-v<version>/`` (docs/METHOD.md §12) and is read
+from there like a download, so evaluation can compare against the native NIfTI files.
 
 Example features: ``subject_id``; ``image`` (Z, S, S) float32; ``label`` (Z, S, S) uint8 class
 indices, empty (0, S, S) when the subject has no label; ``image_path`` / ``label_path`` relative
 to the dataset root ("" when unlabelled) so evaluation can reopen the original header; and
-``geometry``, the arrays of ``preprocess.Geometry.to_dict()`` for the inverse mapping (SPEC §9).
+``geometry``, the arrays of ``preprocess.Geometry.to_dict()`` for the inverse mapping
+(docs/METHOD.md §11).
 """
 
 from __future__ import annotations
@@ -293,7 +294,7 @@ def load_volumes(
         "folder"). For "synthetic": where the generated files are kept (default
         ``synthetic_root(data_dir, ...)``), generated there on first use.
       data_dir: where prepared datasets are stored and reused.
-      target_resolution: in-plane mm; None uses the layout's default (SPEC §7).
+      target_resolution: in-plane mm; None uses the layout's default (docs/METHOD.md §10).
       image_size: in-plane size after crop/pad; None uses the layout's default.
       slice_axis: "auto" or one of `orientation.SLICE_AXES`.
       frame: "ED" (default) or "ES" for acdc/synthetic.

@@ -1,4 +1,4 @@
-"""BYOL regression loss (SPEC §4): the online prediction regresses the target projection.
+"""BYOL regression loss (docs/METHOD.md §6): the online prediction regresses the target projection.
 
 For one example the loss is the squared distance of the two L2-normalised vectors,
 `|q̂ - ẑ|² = 2 - 2·cos(q, z)`. The batch loss is symmetrised over the two views: view 1's
@@ -10,8 +10,8 @@ caller cannot forget it).
 import jax
 import jax.numpy as jnp
 
-# Squared-norm floor of the normalisation, as in the contrastive kernel (SPEC §1): a zero vector
-# normalises to zero (cosine 0, loss 2) with finite gradients instead of NaN.
+# Squared-norm floor of the normalisation, as in the contrastive kernel (docs/METHOD.md §3): a zero
+# vector normalises to zero (cosine 0, loss 2) with finite gradients instead of NaN.
 _MIN_SQUARED_NORM = 1e-12
 
 

@@ -1,4 +1,4 @@
-"""Masked NT-Xent kernel (SPEC §1) and the global contrastive strategies G^R, G^{D-}, G^D (§2).
+"""Masked NT-Xent kernel and the global strategies G^R, G^{D-}, G^D (docs/METHOD.md §3-§4).
 
 Every contrastive loss in jaxcl is the same kernel: L2-normalised embeddings, cosine similarities
 divided by a temperature, and for each positive pair (a, b)
@@ -21,8 +21,8 @@ from collections.abc import Hashable
 import jax
 import jax.numpy as jnp
 
-# The strategy table of SPEC §2: positives share the first id (and are not the anchor itself),
-# negatives differ in the second id.
+# The strategy table of docs/METHOD.md §4: positives share the first id (and are not the anchor
+# itself), negatives differ in the second id.
 _GLOBAL_STRATEGIES = types.MappingProxyType(
     {
         "GR": ("sample", "sample"),
@@ -31,7 +31,8 @@ _GLOBAL_STRATEGIES = types.MappingProxyType(
     }
 )
 
-# Squared-norm floor of the normalisation, as tf.nn.l2_normalize in the original code (§1).
+# Squared-norm floor of the normalisation, as tf.nn.l2_normalize in the original code
+# (docs/METHOD.md §3).
 _NORM_EPSILON = 1e-12
 
 
@@ -78,7 +79,7 @@ def _term_sums(
     negative_mask: jax.Array,
     temperature: float,
 ) -> tuple[jax.Array, jax.Array]:
-    """Sum of the §1 terms of `anchors` contrasted against `candidates`, and their count.
+    """Sum of the NT-Xent terms of `anchors` contrasted against `candidates`, and their count.
 
     Args:
       anchors: (A, D) L2-normalised float32 embeddings whose terms are computed.
@@ -105,7 +106,7 @@ def _term_sums(
 def nt_xent(
     z: jax.Array, positive_mask: jax.Array, negative_mask: jax.Array, temperature: float
 ) -> jax.Array:
-    """Masked NT-Xent of SPEC §1: mean of ℓ(a, b) over the positive pairs of one batch.
+    """Masked NT-Xent (docs/METHOD.md §3): mean of ℓ(a, b) over the positive pairs of one batch.
 
     Args:
       z: (M, D) embeddings (any float dtype; normalised and scored in float32).
@@ -152,7 +153,7 @@ def _pair_masks(
 def global_masks(
     strategy: str, sample_ids: jax.Array, partition_ids: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """Positive and negative masks of a global strategy (SPEC §2 table).
+    """Positive and negative masks of a global strategy (docs/METHOD.md §4).
 
     | strategy | positive P[a, b]           | negative N[a, k]     |
     |----------|----------------------------|----------------------|

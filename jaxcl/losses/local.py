@@ -1,10 +1,10 @@
-"""Local (region-level) contrastive loss L^R / L^D of SPEC §3 and its region positions.
+"""Local (region-level) contrastive loss L^R / L^D (docs/METHOD.md §5), region positions.
 
 A region is one position of one view's decoder feature map, embedded to D dimensions. Regions are
 grouped by the view's source slice (L^R) or partition (L^D); within a group, the regions at the
 same position in different views are positives and the regions at other positions are negatives.
 Groups are independent, so the views are sorted into a dense (groups, views, positions, D) tensor
-and the §1 kernel runs vectorised over groups, never on a matrix over all regions of the batch.
+and the NT-Xent kernel runs vectorised over groups, never on a matrix of all regions of the batch.
 With negatives="all" (any number of positions, e.g. a dense grid) the group's similarities are
 computed in blocks of anchor positions, each block against all regions of the group, so memory
 stays linear in the number of regions; with negatives="paper" (17 positions) the whole
@@ -22,8 +22,9 @@ import numpy as np
 from jaxcl.losses import region_kernel
 from jaxcl.losses.contrastive import data_parallel_mean, l2_normalize, masked_logsumexp
 
-# The paper's 17 positions (§3) as (row, column) letters: a = 0, q = w//4, m = w//2,
-# t = (3w)//4, e = w with w = H_l - 4. The first 13 are anchors; the last 4 are negatives only.
+# The paper's 17 positions (docs/METHOD.md §5) as (row, column) letters: a = 0, q = w//4,
+# m = w//2, t = (3w)//4, e = w with w = H_l - 4. The first 13 are anchors; the last 4 are
+# negatives only.
 PAPER_POSITION_NAMES = (
     "aa",
     "am",
@@ -57,7 +58,7 @@ _PAPER_NEGATIVE_NAMES = (
     "mm me em ee tq",
 )
 # (13, 5): for anchor position j, the 5 indices into PAPER_POSITION_NAMES used as its negatives
-# with negatives="paper" (the original code's fixed list, §3).
+# with negatives="paper" (the original code's fixed list, docs/METHOD.md §5).
 PAPER_NEGATIVE_POSITIONS = tuple(
     tuple(PAPER_POSITION_NAMES.index(name) for name in row.split()) for row in _PAPER_NEGATIVE_NAMES
 )
@@ -75,8 +76,8 @@ def region_positions(
 
     Args:
       feature_size: H_l, the side of the square feature map (48 for l = 3 and 192² inputs).
-      kind: "paper": the 13 anchor positions of §3 followed by the 4 negative-only positions
-        (q,m) (m,q) (m,t) (t,m), in `PAPER_POSITION_NAMES` order; "grid": a grid_size x
+      kind: "paper": the 13 anchor positions of docs/METHOD.md §5 followed by the 4 negative-only
+        positions (q,m) (m,q) (m,t) (t,m), in `PAPER_POSITION_NAMES` order; "grid": a grid_size x
         grid_size grid of origins equally spaced over 0..H_l-3 (row-major, origin k of an axis
         at k·(H_l-3) // (grid_size-1)).
       grid_size: K for kind="grid", 2 <= K <= H_l - 2 (distinct origins).
@@ -192,7 +193,7 @@ def _local_term_sums(
     negatives: str,
     temperature: float,
 ) -> tuple[jax.Array, jax.Array]:
-    """Sum and count of the §1 terms of all anchor regions, group by group.
+    """Sum and count of the NT-Xent terms of all anchor regions, group by group.
 
     Args:
       anchors: (G, Va, R, D) normalised regions whose first A positions are anchors.
@@ -248,7 +249,7 @@ def local_loss(
     views_per_group: int | None = None,
     axis_name: Hashable | None = None,
 ) -> jax.Array:
-    """Local contrastive loss L^R / L^D (SPEC §3): mean of ℓ over all positive region pairs.
+    """Local contrastive loss L^R / L^D (docs/METHOD.md §5): mean of ℓ over positive region pairs.
 
     For an anchor region (view v, position j < num_anchors) of group g:
     positives: position j in every other view of g; negatives: "all": every other position in

@@ -1,4 +1,4 @@
-"""The blocked kernel of the local loss with negatives="all" (SPEC §1, §3), for many positions.
+"""Blocked kernel of the local loss with negatives="all", for many positions (docs/METHOD.md §5).
 
 With negatives="all" the negatives of anchor region (v, j) are every region of its group at a
 position other than j, the same set for all its positives, so each anchor needs one masked
@@ -50,7 +50,7 @@ def _all_negatives_pass(
     chunk: int,
     with_gradients: bool,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """Sum of the §1 terms with negatives="all", and optionally its gradients, chunk by chunk.
+    """Sum of the NT-Xent terms with negatives="all", and optionally its gradients, chunk by chunk.
 
     The negatives of anchor (v, j) are every region of its group at a position r != j, the same
     set for all its positives: one masked log-sum-exp per anchor row of the (Va·A) x (Vc·R)

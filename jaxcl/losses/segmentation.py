@@ -1,4 +1,4 @@
-"""Segmentation losses and the hard Dice metric (SPEC §8, §9).
+"""Segmentation losses and the hard Dice metric (docs/METHOD.md §9, §11).
 
 - `soft_dice_loss`: the fine-tuning loss, soft Dice of the softmax against one-hot labels per
   image and class over (H, W), loss = 1 - mean Dice (background included by default).
@@ -37,7 +37,7 @@ def soft_dice_loss(
     include_background: bool = True,
     epsilon: float = SOFT_DICE_EPSILON,
 ) -> jax.Array:
-    """Soft Dice loss `1 - mean_{b, c} Dice[b, c]` (SPEC §8).
+    """Soft Dice loss `1 - mean_{b, c} Dice[b, c]` (docs/METHOD.md §9).
 
     `Dice[b, c] = 2·Σ p·y / (Σ p + Σ y + epsilon)` with sums over (H, W) of image b, `p` the softmax
     probability of class c and `y` the one-hot label.
@@ -84,7 +84,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def dice_per_class(predictions: jax.Array, labels: jax.Array, *, num_classes: int) -> jax.Array:
-    """Hard Dice per class, pooled over every voxel given (SPEC §9).
+    """Hard Dice per class, pooled over every voxel given (docs/METHOD.md §11).
 
     `Dice[c] = 2·|P_c ∩ Y_c| / (|P_c| + |Y_c|)`, and 1 when both are empty.
 

@@ -1,4 +1,4 @@
-"""Flax linen networks: the UNet (SPEC §5) and the pre-training stage models (§2-§4).
+"""Flax linen networks: the UNet and the pre-training stage models (docs/METHOD.md §1).
 
 All stage models name their networks `encoder` / `decoder`, so parameters transfer between
 stages by path.

@@ -1,5 +1,5 @@
-"""Projection heads of the pre-training stages: g1 (SPEC §5), g2 and region embedding (§3), the
-BYOL projector / predictor (§4).
+"""Projection heads of the pre-training stages (docs/METHOD.md §1): g1, g2 and the region
+embedding of the contrastive losses, the BYOL projector / predictor.
 
 Every head takes its input in whatever dtype the network produced and computes in `dtype`
 (parameters float32); stage models cast the final embeddings to float32.

@@ -25,7 +25,7 @@ from jaxcl.models.unet import DEFAULT_FILTERS, Decoder, Dtype, Encoder
 
 
 class GlobalContrastiveModel(nn.Module):
-    """Encoder + g1 for the global strategies G^R, G^{D-}, G^D (SPEC §2).
+    """Encoder + g1 for the global strategies G^R, G^{D-}, G^D (docs/METHOD.md §4).
 
     Attributes:
       filters: channels per encoder level.
@@ -52,7 +52,7 @@ class GlobalContrastiveModel(nn.Module):
 
 
 class LocalContrastiveModel(nn.Module):
-    """Encoder + the first l decoder blocks + g2 + region embedding for L^R, L^D (SPEC §3).
+    """Encoder + decoder blocks 1..l + g2 + region embedding for L^R, L^D (docs/METHOD.md §5).
 
     Attributes:
       positions: static (u, v) window corners on the l-th decoder block's map (tuple of pairs).
@@ -60,7 +60,7 @@ class LocalContrastiveModel(nn.Module):
       num_decoder_blocks: l, the decoder blocks run (default 3: 48x48x64 for a 192² input).
       features: region embedding size D.
       freeze_encoder: run the encoder's BatchNorm on its running statistics (so they are not
-        updated, SPEC §8 step 2 / §11) and stop gradients at the encoder output. The trainer
+        updated, docs/METHOD.md §9 and §13) and stop gradients at the encoder output. The trainer
         still keeps the optimiser off the encoder parameters.
       dtype: computation dtype; axis_name: cross-replica BatchNorm axis or None.
     """
@@ -93,7 +93,7 @@ class LocalContrastiveModel(nn.Module):
 
 class ByolNetwork(nn.Module):
     """BYOL online (predict=True: encoder, projector, predictor) or target (predict=False:
-    encoder, projector) network (SPEC §4).
+    encoder, projector) network (docs/METHOD.md §6).
 
     The target's parameters are the online ones without `predictor`, so the EMA update is a
     tree map over the shared paths.

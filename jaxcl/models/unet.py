@@ -1,4 +1,4 @@
-"""The 2D UNet of the paper (SPEC §5): Encoder, Decoder, segmentation head.
+"""The 2D UNet of the paper (docs/METHOD.md §1): Encoder, Decoder, segmentation head.
 
 Every stage model (global / local / BYOL pre-training, fine-tuning) builds its network from the
 same `Encoder` and `Decoder`, always bound to the submodule names `encoder` and `decoder`, so a

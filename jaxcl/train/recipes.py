@@ -1,4 +1,4 @@
-"""Batch recipes: which host batches each pre-training strategy needs (SPEC §2-§4).
+"""Batch recipes: which host batches each pre-training strategy needs (docs/METHOD.md §7).
 
 A recipe names the pipeline's batch kind and its global size. Config keys left at None take the
 paper's value for the strategy (`PAPER_BATCHES`), so choosing a strategy also chooses its batch.
@@ -43,8 +43,8 @@ class BatchRecipe:
         return self.num_units // num_devices * self.num_views
 
 
-# strategy -> (kind, units, views): SPEC §2 (G^R 24 x 2, G^{D-} 3 volumes x 3, G^D 6 x 2),
-# §3 (L^R 10 x 2, L^D 3 volumes x 2), §4 (BYOL as G^R; BYOL-D 3 pairs of volumes).
+# strategy -> (kind, units, views), docs/METHOD.md §7: G^R 24 x 2, G^{D-} 3 volumes x 3,
+# G^D 6 x 2, L^R 10 x 2, L^D 3 volumes x 2, BYOL as G^R, BYOL-D 3 pairs of volumes.
 PAPER_BATCHES = {
     "GR": ("random", 24, 2),
     "GD-": ("structured", 3, 3),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 
 def byol_tau(step: jax.typing.ArrayLike, total_steps: int, base: float) -> jax.Array:
-    """BYOL target decay rate `τ_k = 1 - (1 - τ_base)·(cos(πk/K) + 1)/2` (SPEC §4).
+    """BYOL target decay rate `τ_k = 1 - (1 - τ_base)·(cos(πk/K) + 1)/2` (docs/METHOD.md §6).
 
     τ rises from `base` at k = 0 to 1 at k = K along a half cosine. The target parameters are then
     updated as `optax.incremental_update(new_tensors=online, old_tensors=target,

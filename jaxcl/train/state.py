@@ -2,8 +2,8 @@
 
 `TrainState` serves every stage trained with one network (global/local contrastive pre-training,
 fine-tuning). `ByolState` adds the target network, whose parameters follow the online ones by an
-exponential moving average (SPEC §4). Both are `flax.struct` dataclasses with the optimiser `tx`
-as a static field, so they pass through `jit`/`pmap` and orbax as plain pytrees.
+exponential moving average (docs/METHOD.md §6). Both are `flax.struct` dataclasses with the
+optimiser `tx` as a static field, so they pass through `jit`/`pmap` and orbax as plain pytrees.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class TrainState:
 
 @flax.struct.dataclass
 class ByolState:
-    """BYOL online network (trained) and target network (EMA of the online one, SPEC §4).
+    """BYOL online network (trained) and target network (EMA of the online one, docs/METHOD.md §6).
 
     Attributes:
       online: `TrainState` of encoder + projector + predictor.

@@ -4,16 +4,16 @@ Every step is a pure function `step(state, batch, rng, *, <static config>) -> (s
 written for one device of the data-parallel axis `"batch"` (bind the config with
 `functools.partial`, then map it with `jaxcl.train.parallel.DataParallel.map_step`):
 
-- `pretrain_global_step`: G^R, G^{D-}, G^D on encoder + g1 (SPEC §2);
-- `byol_step`: BYOL / BYOL-D, online network trained, target network an EMA (§4);
-- `pretrain_local_step`: L^R, L^D on the first l decoder blocks + g2, encoder frozen (§3, §8);
-- `finetune_step`: the UNet with the soft Dice loss (§8).
+- `pretrain_global_step`: G^R, G^{D-}, G^D on encoder + g1 (docs/METHOD.md §4);
+- `byol_step`: BYOL / BYOL-D, online network trained, target network an EMA (§6);
+- `pretrain_local_step`: L^R, L^D on the first l decoder blocks + g2, encoder frozen (§5, §9);
+- `finetune_step`: the UNet with the soft Dice loss (§9).
 
-Each step augments its views on device (SPEC §6), runs the model in train mode, `pmean`s the
-gradients and the new BatchNorm statistics over `"batch"` (so the state stays identical on every
-device, also when BatchNorm is not cross-replica) and returns the global-batch `loss`. The losses
-follow the `global_loss` convention, so the `pmean` of per-device gradients is the gradient of the
-single-device loss on the concatenated batch.
+Each step augments its views on device (docs/METHOD.md §8), runs the model in train mode, `pmean`s
+the gradients and the new BatchNorm statistics over `"batch"` (so the state stays identical on
+every device, also when BatchNorm is not cross-replica) and returns the global-batch `loss`. The
+losses follow the `global_loss` convention, so the `pmean` of per-device gradients is the gradient
+of the single-device loss on the concatenated batch.
 
 Augmentation keys: example i of device d gets `fold_in(rng, d * per_device_batch + i)`, its index
 in the global batch. The views therefore do not depend on how the global batch is split over
@@ -46,10 +46,10 @@ PyTree = Any
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-# G^{D-} and G^D keep view 0 as the un-augmented slice (SPEC §2); G^R augments every view.
+# G^{D-} and G^D keep view 0 as the un-augmented slice (docs/METHOD.md §4); G^R augments every view.
 _KEEPS_ORIGINAL_VIEW = types.MappingProxyType({"GR": False, "GD-": True, "GD": True})
 _FROZEN, _TRAINED = "frozen", "trained"
-_DEFAULT_AUGMENT = augment.AugmentConfig()  # frozen dataclass: SPEC §6 values
+_DEFAULT_AUGMENT = augment.AugmentConfig()  # frozen dataclass: docs/METHOD.md §8 values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +134,8 @@ def pretrain_global_step(
       strategy: "GR", "GD-" or "GD".
       temperature: τ of the contrastive kernel.
       augmented_views: view ids that get a global augmentation; the others stay the original
-        slice. None: every view for G^R, every view but view 0 for G^{D-} / G^D (SPEC §2).
+        slice. None: every view for G^R, every view but view 0 for G^{D-} / G^D
+        (docs/METHOD.md §4).
       augment_config: augmentation parameters.
     """
     mask = _global_augment_mask(strategy, batch["view_id"], augmented_views)
@@ -169,7 +170,7 @@ def byol_step(
     tau_base: float,
     augment_config: augment.AugmentConfig = _DEFAULT_AUGMENT,
 ) -> tuple[ByolState, Metrics]:
-    """One BYOL / BYOL-D update: online network by gradient, target network by EMA (SPEC §4).
+    """One BYOL / BYOL-D update: online network by gradient, target by EMA (docs/METHOD.md §6).
 
     The batch holds view pairs as adjacent rows (example 2u + v is view v of unit u): two copies
     of one slice (random layout, 2 views: BYOL) or two slices of the same partition of two
@@ -239,7 +240,7 @@ def pretrain_local_step(
     num_anchors: int | None = None,
     augment_config: augment.AugmentConfig = _DEFAULT_AUGMENT,
 ) -> tuple[TrainState, Metrics]:
-    """One L^R / L^D update of decoder blocks 1..l + g2 + region embedding (SPEC §3).
+    """One L^R / L^D update of decoder blocks 1..l + g2 + region embedding (docs/METHOD.md §5).
 
     Every view gets a local (intensity-only) augmentation. With `model.freeze_encoder` the
     encoder runs BatchNorm on its running statistics and they are carried over unchanged; its
@@ -295,7 +296,7 @@ def finetune_step(
     num_classes: int,
     augment_config: augment.AugmentConfig = _DEFAULT_AUGMENT,
 ) -> tuple[TrainState, Metrics]:
-    """One fine-tuning update of the UNet with the soft Dice loss, background included (§8).
+    """One fine-tuning update of the UNet, soft Dice loss with background (docs/METHOD.md §9).
 
     Args:
       state: the replicated train state.
@@ -405,8 +406,8 @@ def create_byol_state(
 def frozen_encoder_tx(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     """`tx` on every top-level network except `encoder`, whose updates are exactly zero.
 
-    The local pre-training stage keeps the encoder of global pre-training fixed (SPEC §8 step 2);
-    the frozen part carries no optimiser state.
+    The local pre-training stage keeps the encoder of global pre-training fixed
+    (docs/METHOD.md §9, stage 2); the frozen part carries no optimiser state.
     """
 
     def labels(params: PyTree) -> PyTree:

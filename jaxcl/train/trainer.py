@@ -1,4 +1,4 @@
-"""The stages of the protocol (SPEC §8), each `run(config, workdir, data) -> summary`.
+"""The stages of the protocol (docs/METHOD.md §9), each `run(config, workdir, data) -> summary`.
 
 A stage builds its model, state, batches and step from the config, runs `loop.train_loop` in
 `WORKDIR/<stage>/` and exports its final variables to `WORKDIR/<stage>/export/`, which later
@@ -290,7 +290,7 @@ def _unet(config, data: DataContext) -> UNet:
 
 
 def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
-    """Stage 3: the whole UNet on the labelled subset, best validation Dice kept (SPEC §8)."""
+    """Stage 3: the UNet on the labelled subset, best validation Dice kept (docs/METHOD.md §9)."""
     stage, cfg = "finetune", config.finetune
     parallel = DataParallel(config.parallel.mode)
     labelled_set, combination = config.data.labelled_set, config.data.combination

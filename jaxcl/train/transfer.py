@@ -1,6 +1,6 @@
 """Stage transfer: copy sub-networks from one stage's variables into another's, by path.
 
-Every stage model names its networks `encoder` / `decoder/block{k}` (SPEC §5, DESIGN), so the
+Every stage model names its networks `encoder` / `decoder/block{k}` (docs/METHOD.md §1), so the
 encoder of global pre-training, or the first l decoder blocks of local pre-training, sit at the
 same paths in the next stage's model. A transfer is a merge of pytrees under path prefixes, never
 by position: the target's structure must contain exactly the source's arrays under each prefix,

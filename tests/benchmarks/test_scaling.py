@@ -3,7 +3,7 @@
 The FLOP counts of the layer table are checked against XLA's cost analysis of the same
 convolutions, its parameter count against the UNet's kernels, and the closed-form positive and
 negative counts against the masks of `jaxcl.losses.contrastive` (global strategies) or a
-brute-force enumeration of SPEC §3's definitions (local strategies).
+brute-force enumeration of the definitions of docs/METHOD.md §5 (local strategies).
 """
 
 import itertools
@@ -103,9 +103,9 @@ def test_global_counts_match_the_masks(strategy, num_devices):
 
 @pytest.mark.parametrize(("strategy", "num_devices"), itertools.product(["LR", "LD"], [1, 2]))
 def test_local_counts_match_spec_enumeration(strategy, num_devices):
-    # SPEC §3: a region is (view, position); views of one slice (L^R) or of one partition across
-    # the global batch (L^D: 3 volumes per device x 2 views) form a group; 17 positions, of which
-    # the first 13 are anchors.
+    # docs/METHOD.md §5: a region is (view, position); views of one slice (L^R) or of one partition
+    # across the global batch (L^D: 3 volumes per device x 2 views) form a group; 17 positions,
+    # of which the first 13 are anchors.
     views_per_group = 2 if strategy == "LR" else 3 * num_devices * 2
     regions = [(view, position) for view in range(views_per_group) for position in range(17)]
     for view, position in [(0, 0), (1, 12)]:

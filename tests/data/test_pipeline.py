@@ -1,7 +1,7 @@
 """Tests for jaxcl.data.pipeline: batch structure, determinism, resumption, device/host sharding.
 
-References are written independently of the pipeline: partition ids from the SPEC §2 formula in a
-plain loop, slice contents looked up in the original per-volume arrays.
+References are written independently of the pipeline: partition ids from the formula of
+docs/METHOD.md §2 in a plain loop, slice contents looked up in the original per-volume arrays.
 """
 
 import dataclasses

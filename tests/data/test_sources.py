@@ -117,7 +117,7 @@ def test_mmwhs_finds_train_and_unlabelled_test_images_and_maps_raw_values(tmp_pa
         ("1001", str(tmp_path / "mr_train" / "mr_train_1001_label.nii.gz")),
         ("2003", None),
     ]
-    # SPEC §7: raw 205 Myo, 420 LA, 500 LV, 550 RA, 600 RV, 820 AA, 850 PA -> 1..7.
+    # docs/METHOD.md §10: raw 205 Myo, 420 LA, 500 LV, 550 RA, 600 RV, 820 AA, 850 PA -> 1..7.
     raw = np.array([[0, 205, 420, 500], [550, 600, 820, 850]], np.float64)
     expected = np.array([[0, 1, 2, 3], [4, 5, 6, 7]], np.uint8)
     np.testing.assert_array_equal(layout.class_indices(raw, "x"), expected)

@@ -1,4 +1,4 @@
-"""Paper splits against the literal lists of SPEC §7 / §10, their invariants and their errors."""
+"""Paper splits against the literal lists of docs/METHOD.md §10 / §12, their invariants, errors."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import pytest
 from jaxcl.data import splits
 from jaxcl.data.sources import DataError, Subject
 
-# Literal tables typed from SPEC §7 (ranges written out).
+# Literal tables typed from docs/METHOD.md §10 (ranges written out).
 ACDC_PRETRAIN = [
     "001", "002", "003", "004", "005", "006", "012", "017", "018", "019", "020", "021", "022",
     "023", "024", "025", "026", "037", "038", "039", "040", "041", "042", "043", "044", "045",

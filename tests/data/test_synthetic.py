@@ -2,7 +2,7 @@
 
 The five subjects generated once per module are one per group (NOR, DCM, HCM, MINF, RV). Every
 check measures the written NIfTI volumes with plain numpy (areas, volumes, intensities, ray-cast
-wall thickness) and compares them with the anatomy SPEC §10 asks for.
+wall thickness) and compares them with the anatomy docs/METHOD.md §12 describes.
 """
 
 import os

@@ -1,7 +1,8 @@
-"""Tests of the synthetic subjects' sampled anatomy (SPEC §10), without rendering any image.
+"""Tests of the synthetic subjects' sampled anatomy (docs/METHOD.md §12), without rendering images.
 
-Every check compares the sampled parameters or the background arrays with SPEC §10's ranges, a
-hand-computed case or a closed-form reference (ring areas, a Gaussian tail probability).
+Every check compares the sampled parameters or the background arrays with the documented ranges
+(docs/METHOD.md §12, docs/DATA.md), a hand-computed case or a closed-form reference (ring areas,
+a Gaussian tail probability).
 """
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Plain-numpy float64 references for the contrastive losses, written straight from SPEC §1-§3.
+"""Plain-numpy float64 references for the contrastive losses, written from docs/METHOD.md §3-§5.
 
 Loops over anchors and pairs on purpose: they follow the sentences of the spec, not the
 vectorised code under test. Shared by the loss tests and the loss benchmark; load this file by
@@ -7,7 +7,8 @@ path (tests/ is not a package), e.g. with importlib.util.spec_from_file_location
 
 import numpy as np
 
-# §3 anchor/negative position lists transcribed by hand into indices of the 17 paper positions:
+# The anchor/negative position lists of docs/METHOD.md §5, transcribed by hand into indices of
+# the 17 paper positions:
 # 0 aa, 1 am, 2 ae, 3 ma, 4 mm, 5 me, 6 ea, 7 em, 8 ee, 9 qq, 10 qt, 11 tq, 12 tt,
 # 13 qm, 14 mq, 15 mt, 16 tm.
 PAPER_NEGATIVES = (
@@ -41,7 +42,7 @@ def pair_term(similarity_ab, negative_similarities):
 
 
 def nt_xent(z, positive_mask, negative_mask, temperature):
-    """SPEC §1: mean over positive pairs (a, b) of ℓ(a, b); 0 without positive pairs."""
+    """docs/METHOD.md §3: mean over positive pairs (a, b) of ℓ(a, b); 0 without positive pairs."""
     z_hat = normalize(z)
     num = len(z_hat)
     terms = []
@@ -58,7 +59,7 @@ def nt_xent(z, positive_mask, negative_mask, temperature):
 
 
 def global_masks(strategy, sample_ids, partition_ids):
-    """SPEC §2 table, element by element."""
+    """docs/METHOD.md §4 table, element by element."""
     num = len(sample_ids)
     positive = np.zeros((num, num), bool)
     negative = np.zeros((num, num), bool)
@@ -86,7 +87,7 @@ def global_loss(z, sample_ids, partition_ids, strategy, temperature):
 
 
 def paper_positions(feature_size):
-    """§3 positions, spelled out: 13 anchors then (q,m) (m,q) (m,t) (t,m)."""
+    """docs/METHOD.md §5 positions, spelled out: 13 anchors then (q,m) (m,q) (m,t) (t,m)."""
     w = feature_size - 4
     a, m, e, q, t = 0, w // 2, w, w // 4, (3 * w) // 4
     return [
@@ -97,7 +98,7 @@ def paper_positions(feature_size):
 
 
 def local_loss(regions, sample_ids, partition_ids, strategy, temperature, negatives, num_anchors):
-    """SPEC §3: loop over anchor regions (v, j) and their positives (w, j).
+    """docs/METHOD.md §5: loop over anchor regions (v, j) and their positives (w, j).
 
     Group of a view: sample id (LR) or partition id (LD). Positives: same position, same group,
     other view. Negatives: "all": other position, same group, any view; "paper": the listed
@@ -135,7 +136,7 @@ def original_local_loss(regions, temperature):
 
     Views come in consecutive pairs (2i, 2i+1) of one slice; for each of the 13 positions a term
     for each view of the pair, with the 5 listed negatives taken from both views. The original
-    divides the sum by 13 (not by the number of terms; SPEC §11 explains jaxcl's mean).
+    divides the sum by 13 (not by the number of terms; docs/METHOD.md §13 explains jaxcl's mean).
     """
     z_hat = normalize(regions)
     total = 0.0

@@ -1,4 +1,4 @@
-"""BYOL regression loss against hand-computed cosines and a numpy reference (SPEC §4)."""
+"""BYOL regression loss against hand-computed cosines and a numpy reference (docs/METHOD.md §6)."""
 
 import functools
 

@@ -33,7 +33,7 @@ nt_xent_value_and_grad = jax.jit(jax.value_and_grad(contrastive.nt_xent))
 
 
 def make_layout(strategy, rng, num_volumes=3, num_partitions=4, num_views=2, first_sample=0):
-    """Random valid ids of a §2 batch, views shuffled.
+    """Random valid ids of a global-loss batch, views shuffled.
 
     GR: num_volumes * num_partitions random slices (random partitions), num_views views each.
     GD-/GD: num_volumes volumes x num_partitions partitions, one slice each, num_views views.

@@ -28,7 +28,7 @@ NUM_DEVICES = 8
 
 
 def make_local_layout(strategy, rng, num_slices_or_volumes, num_partitions=3, first_sample=0):
-    """Random valid ids of a §3 batch, 2 intensity views per slice, views shuffled.
+    """Random valid ids of a local-loss batch, 2 intensity views per slice, views shuffled.
 
     LR: num_slices_or_volumes random slices. LD: that many volumes x num_partitions partitions.
     """
@@ -209,7 +209,8 @@ class LocalLossTest(chex.TestCase):
 
     def test_paper_negatives_equal_original_code_up_to_its_normalisation(self):
         # The original sums 2 terms per slice and position, divided by 13; jaxcl takes the mean
-        # over the 2 * num_slices * 13 terms (SPEC §11): original = jaxcl * 2 * num_slices.
+        # over the 2 * num_slices * 13 terms (docs/METHOD.md §13): original = jaxcl * 2 *
+        # num_slices.
         rng = np.random.default_rng(2)
         num_slices = 4
         regions = rng.normal(size=(2 * num_slices, 17, 16))

@@ -1,4 +1,7 @@
-"""Soft Dice, cross-entropy and hard Dice against hand-computed cases and numpy loops (§8, §9)."""
+"""Soft Dice, cross-entropy and hard Dice against hand-computed cases and numpy loops.
+
+Definitions: docs/METHOD.md §9 (fine-tuning loss) and §11 (evaluation Dice).
+"""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests for jaxcl.models.heads against plain numpy written from SPEC §3, §4, §5."""
+"""Tests for jaxcl.models.heads against plain numpy written from docs/METHOD.md §1."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 
 from jaxcl.models import heads
 
-EPSILON = 1e-3  # SPEC §5 BatchNorm epsilon
+EPSILON = 1e-3  # docs/METHOD.md §1 BatchNorm epsilon
 
 
 def _randomise(variables, seed=1):

@@ -15,7 +15,7 @@ SMALL_POSITIONS = ((0, 0), (2, 3), (5, 5))  # on the 8x8 map after 3 blocks of a
 
 
 def _paper_positions(size: int) -> tuple[tuple[int, int], ...]:
-    """SPEC §3's 13 default positions for an H_l x H_l map."""
+    """The 13 default positions of docs/METHOD.md §5 for an H_l x H_l map."""
     w = size - 4
     a, m, e, q, t = 0, w // 2, w, w // 4, (3 * w) // 4
     grid = [(u, v) for u in (a, m, e) for v in (a, m, e)]
@@ -36,7 +36,7 @@ def _conv_bn(kernel, channels_in, channels_out):
 
 
 def _encoder_count(filters):
-    """Encoder parameters from SPEC §5: two 3x3 conv+BN per level, 1 input channel.
+    """Encoder parameters from docs/METHOD.md §1: two 3x3 conv+BN per level, 1 input channel.
 
     Like every count here it is invariant to the batch and, except for the flattening dense
     layers (g1, BYOL projector), to the image size: kernels are shared over positions.
@@ -153,7 +153,7 @@ def _changed(before, after):
 
 
 def test_frozen_encoder_keeps_bn_statistics_and_gets_no_gradient():
-    """SPEC §8 step 2 / §11: a frozen encoder's BN statistics do not move in train mode."""
+    """docs/METHOD.md §9 and §13: a frozen encoder's BN statistics do not move in train mode."""
     variables, stats, grads = _local_train_step(freeze_encoder=True)
     assert set(stats) == {"encoder", "decoder", "g2"}
     assert not _changed(variables["batch_stats"]["encoder"], stats["encoder"])

@@ -1,4 +1,4 @@
-"""Tests for jaxcl.models.unet against SPEC §5 and §11."""
+"""Tests for jaxcl.models.unet against docs/METHOD.md §1 and §13."""
 
 import functools
 import itertools
@@ -45,7 +45,7 @@ def _conv_bn_params(kernel: int, channels_in: int, channels_out: int) -> int:
 
 
 def _unet_param_count(filters, num_classes, in_channels=1):
-    """Trainable parameters of the SPEC §5 UNet, written from the layer list.
+    """Trainable parameters of the UNet of docs/METHOD.md §1, written from the layer list.
 
     The count is invariant to the image size and batch: convolution kernels are shared over
     positions, so only kernel sizes, channel counts and classes enter. A change here means the
@@ -71,7 +71,7 @@ def _unet_param_count(filters, num_classes, in_channels=1):
 
 @pytest.mark.parametrize("size", [192, 160])
 def test_encoder_decoder_shapes(size):
-    """SPEC §5 lists 192²; 160² checks the sizes follow the input, not constants."""
+    """docs/METHOD.md §1 lists 192²; 160² checks the sizes follow the input, not constants."""
     (bottleneck, skips), _ = _shapes(unet.Encoder(), _image(size))
     expected_skips = [(2, size >> k, size >> k, f) for k, f in enumerate((16, 32, 64, 128, 128))]
     assert [s.shape for s in skips] == expected_skips
@@ -105,7 +105,7 @@ def test_decoder_block_names_do_not_depend_on_num_blocks():
     (bottleneck, skips), _ = _shapes(unet.Encoder(SMALL_FILTERS), _image(32))
     full = _shapes(unet.Decoder(5), bottleneck, skips)[1]["params"]
     assert sorted(full) == [f"block{k}" for k in range(1, 6)]
-    assert sorted(full["block5"]) == ["conv1", "upconv"]  # SPEC §5: block 5 has one conv
+    assert sorted(full["block5"]) == ["conv1", "upconv"]  # docs/METHOD.md §1: block 5 has one conv
     assert all(sorted(full[f"block{k}"]) == ["conv1", "conv2", "upconv"] for k in range(1, 5))
     assert full["block1"]["upconv"]["conv"]["kernel"].shape == (2, 2, 8, 8)
     for num_blocks in range(1, 5):
@@ -115,7 +115,7 @@ def test_decoder_block_names_do_not_depend_on_num_blocks():
 
 
 def test_initialisation_distinct_kernels_and_bn_stats():
-    """SPEC §11: same-shaped layers start from different kernels; BN stats start at (0, 1)."""
+    """docs/METHOD.md §13: same-shaped layers get different kernels; BN stats start at (0, 1)."""
     model = unet.UNet(num_classes=3, filters=SMALL_FILTERS)
     variables = _init(model, jnp.zeros((1, 32, 32, 1)))
     flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")

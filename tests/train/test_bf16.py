@@ -167,7 +167,7 @@ def test_region_kernel_computes_in_float32_and_returns_gradients_in_the_input_dt
         region_kernel.all_negatives_term_sum, is_pair=is_pair, temperature=0.1, chunk=2
     )
     value = _assert_bf16_path_equals_float32(kernel, anchors, candidates)
-    # Independent value: the §1 terms of every anchor (g, v, j) and positive (g, w, j), w != v,
+    # Independent value: the NT-Xent terms of every anchor (g, v, j) and positive (g, w, j), w != v,
     # against all regions of group g at positions r != j, in float64.
     a, c = np.asarray(anchors, np.float64) / 0.1, np.asarray(candidates, np.float64)
     expected = 0.0

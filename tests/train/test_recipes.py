@@ -1,4 +1,4 @@
-"""Batch recipes: the paper's batch per strategy (SPEC §2-§4), config overrides, bad input."""
+"""Batch recipes: the paper's batches (docs/METHOD.md §7), config overrides, bad input."""
 
 import importlib
 import pathlib
@@ -9,7 +9,7 @@ import pytest
 from jaxcl.train import recipes
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-PARTITIONS = 4  # S, SPEC §2
+PARTITIONS = 4  # S, docs/METHOD.md §2
 
 
 def _stage(strategy: str, **overrides) -> ml_collections.ConfigDict:
@@ -22,7 +22,7 @@ def _stage(strategy: str, **overrides) -> ml_collections.ConfigDict:
     return stage
 
 
-# strategy, stage, expected (kind, units, views), images per batch; numbers from SPEC §2-§4:
+# strategy, stage, expected (kind, units, views), images per batch; numbers from docs/METHOD.md §7:
 # G^R 24 slices x 2 views = 48; G^{D-} 3 volumes x 4 partitions x 3 views = 36;
 # G^D 6 volumes x 4 partitions x 2 views = 48; L^R 10 slices x 2 views = 20;
 # L^D 3 volumes x 4 partitions x 2 views = 24; BYOL: view pairs of random slices as G^R (48);

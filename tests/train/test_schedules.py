@@ -1,4 +1,4 @@
-"""BYOL target decay schedule (SPEC §4) and its use with optax.incremental_update."""
+"""BYOL target decay schedule (docs/METHOD.md §6) and its use with optax.incremental_update."""
 
 import math
 

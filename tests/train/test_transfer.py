@@ -107,7 +107,7 @@ def _random_variables(model, seed: int) -> dict:
 
 
 def test_stage_models_share_encoder_and_decoder_paths():
-    """SPEC §8 step 3: encoder from global, decoder blocks 1..3 from local pre-training."""
+    """docs/METHOD.md §9, stage 3: encoder from global, decoder blocks 1..3 from local."""
     unet = _random_variables(UNet(4, FILTERS), 0)
     global_stage = _random_variables(GlobalContrastiveModel(FILTERS, 16, 8), 1)
     local_stage = _random_variables(LocalContrastiveModel(((0, 0), (2, 2)), FILTERS), 2)
