@@ -20,7 +20,7 @@ import jax
 
 from jaxcl.config_validation import ConfigError
 from jaxcl.data.sources import DataError
-from jaxcl.train import loop
+from jaxcl.train.errors import NonFiniteLossError, PreemptedError
 
 EXIT_BAD_INPUT = 1
 EXIT_PREEMPTED = 143
@@ -51,12 +51,12 @@ def run(work: Callable[[], object], bad_input: tuple[type[Exception], ...] = ())
     """
     configure_logging()
     enable_compilation_cache()
-    user_errors = (DataError, ConfigError, FileNotFoundError, loop.NonFiniteLossError)
+    user_errors = (DataError, ConfigError, FileNotFoundError, NonFiniteLossError)
     try:
         work()
     except (*user_errors, *bad_input) as error:
         print(f"jaxcl: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    except loop.PreemptedError as error:
+    except PreemptedError as error:
         print(f"jaxcl: {error}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)

@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 from jaxcl import files
 from jaxcl.train import distributed
 from jaxcl.train.checkpoint import StageCheckpointer
+from jaxcl.train.errors import NonFiniteLossError, PreemptedError
 from jaxcl.train.parallel import DataParallel
 
 PyTree = Any
@@ -46,14 +47,6 @@ Batch = dict[str, np.ndarray]
 MappedStep = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, PyTree]]
 # validate(host_state) -> metrics, e.g. {"val_dice": 0.8}
 Validate = Callable[[PyTree], dict[str, float]]
-
-
-class NonFiniteLossError(RuntimeError):
-    """A step produced a NaN or infinite loss; the last good checkpoint is kept."""
-
-
-class PreemptedError(RuntimeError):
-    """SIGTERM arrived; a checkpoint of the current step was written before raising."""
 
 
 @dataclasses.dataclass(frozen=True)
