@@ -1,14 +1,15 @@
 """On-device data augmentation (docs/METHOD.md §8), pure JAX, one PRNG key per example.
 
-Three recipes, each for one example and batched with a key per example:
+Three recipes, each for one example; the training steps (`jaxcl.train.steps`) vmap them over a
+batch with one key per example:
 
-- global pre-training views (`global_view`, `augment_global`): a random crop of
-  `crop_fraction` of the image, resized back bilinearly, then brightness and contrast, clipped;
-- local pre-training views (`local_view`, `augment_local`): brightness and contrast only, so a
-  pixel position shows the same anatomy in every view of a slice (docs/METHOD.md §5);
-- fine-tuning pairs (`finetune_pair`, `augment_finetune`): one of {small rotation, scale,
-  left-right flip, rotation by a multiple of 45°, identity}, then an elastic deformation, then
-  brightness and contrast on the image only.
+- global pre-training views (`global_view`): a random crop of `crop_fraction` of the image,
+  resized back bilinearly, then brightness and contrast, clipped;
+- local pre-training views (`local_view`): brightness and contrast only, so a pixel position
+  shows the same anatomy in every view of a slice (docs/METHOD.md §5);
+- fine-tuning pairs (`finetune_pair`): one of {small rotation, scale, left-right flip, rotation
+  by a multiple of 45°, identity}, then an elastic deformation, then brightness and contrast on
+  the image only.
 
 Geometry is expressed as a sampling coordinate map: for every output pixel, the (row, col)
 position in the input it is read from. The affine part and the elastic field of fine-tuning are
@@ -17,11 +18,11 @@ nearest), so the two always receive exactly the same geometry and nothing is int
 Positions outside the input read 0 (background for labels).
 
 Intensity augmentation is drawn per image (docs/METHOD.md §13). Everything is jit/vmap/pmap
-friendly; bind the config with `functools.partial` before `jax.jit`. Under `pmap`, give each
-device its own key (e.g. `jax.random.fold_in(key, jax.lax.axis_index("batch"))`).
+friendly; bind the config with `functools.partial` before `jax.jit`. The steps derive each
+example's key from its index in the global batch (`jaxcl.train.steps.example_keys`), so the views
+do not depend on the number of devices.
 
-Shapes: images are (H, W, C) per example, (B, H, W, C) batched (C = 1 in jaxcl); labels are
-(H, W) / (B, H, W) integer class maps.
+Shapes: an image is (H, W, C) (C = 1 in jaxcl), a label an (H, W) integer class map.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from jax.scipy.ndimage import map_coordinates
 
 # Order of `AugmentConfig.geometry_weights`.
 GEOMETRY_OPS = ("rotation", "scale", "flip", "rotation_step", "identity")
-VIEW_KINDS = ("global", "local")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,90 +351,3 @@ def finetune_pair(
         uniforms[4:], warped, mean, config.finetune_brightness, config.finetune_contrast
     )
     return image, label
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches, one key per example.
-
-
-def _per_example(view_fn, key: jax.Array, images: jax.Array, mask: jax.Array | None):
-    """vmaps `view_fn(key, image)` over (B, H, W, C) with one key each; keeps rows where ~mask."""
-    chex.assert_rank(images, 4)
-    views = jax.vmap(view_fn)(jax.random.split(key, images.shape[0]), images)
-    if mask is None:
-        return views
-    chex.assert_shape(mask, (images.shape[0],))
-    return jnp.where(mask[:, None, None, None], views, images.astype(views.dtype))
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def augment_global(
-    key: jax.Array,
-    images: jax.Array,
-    mask: jax.Array | None = None,
-    config: AugmentConfig = AugmentConfig(),
-) -> jax.Array:
-    """Global views of a batch: images (B, H, W, C) -> (B, H, W, C) float32.
-
-    `mask` (B,) bool, optional: only examples where it is True are augmented; the others are
-    returned unchanged.
-    """
-    return _per_example(functools.partial(global_view, config=config), key, images, mask)
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def augment_local(
-    key: jax.Array,
-    images: jax.Array,
-    mask: jax.Array | None = None,
-    config: AugmentConfig = AugmentConfig(),
-) -> jax.Array:
-    """Local (intensity-only) views of a batch: (B, H, W, C) -> (B, H, W, C) float32.
-
-    `mask` (B,) bool, optional: only examples where it is True are augmented.
-    """
-    return _per_example(functools.partial(local_view, config=config), key, images, mask)
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def augment_finetune(
-    key: jax.Array,
-    images: jax.Array,
-    labels: jax.Array,
-    config: AugmentConfig = AugmentConfig(),
-) -> tuple[jax.Array, jax.Array]:
-    """Fine-tuning augmentation of a batch: images (B, H, W, C), labels (B, H, W) -> same."""
-    chex.assert_rank([images, labels], [4, 3])
-    keys = jax.random.split(key, images.shape[0])
-    return jax.vmap(functools.partial(finetune_pair, config=config))(keys, images, labels)
-
-
-def pretrain_views(
-    key: jax.Array,
-    images: jax.Array,
-    view_ids: jax.Array,
-    *,
-    kind: str,
-    augmented_views: Sequence[int] = (1,),
-    config: AugmentConfig = AugmentConfig(),
-) -> jax.Array:
-    """Applies a structured pre-training view recipe to a batch.
-
-    Args:
-      key: PRNG key for the batch (split into one key per example).
-      images: (B, H, W, C) slices; each row is one view of its source slice.
-      view_ids: (B,) int, the index of each row's view within its slice's views.
-      kind: "global" (crop + intensity) or "local" (intensity only).
-      augmented_views: view indices that are augmented; the others stay as the original slice
-        (G^D / G^{D-} keep view 0 un-augmented, the default).
-      config: augmentation parameters.
-
-    Returns:
-      (B, H, W, C) float32 views.
-    """
-    if kind not in VIEW_KINDS:
-        raise ValueError(f"kind={kind!r} is not a view kind: use one of {VIEW_KINDS}.")
-    chex.assert_shape(view_ids, (images.shape[0],))
-    mask = jnp.isin(view_ids, jnp.asarray(augmented_views))
-    augment = augment_global if kind == "global" else augment_local
-    return augment(key, images, mask, config)

@@ -26,10 +26,22 @@ NO_INTENSITY = {
 ONLY = {
     name: tuple(float(n == name) for n in augment.GEOMETRY_OPS) for name in augment.GEOMETRY_OPS
 }
+VIEW_FNS = {"global": augment.global_view, "local": augment.local_view}
+DEFAULT_CONFIG = augment.AugmentConfig()  # docs/METHOD.md §8 values
 
 
 def _key(seed: int = 0) -> jax.Array:
     return jax.random.PRNGKey(seed)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="config")
+def _batch(augment_fn, key, *arrays, config=DEFAULT_CONFIG):
+    """`augment_fn` (a view or `finetune_pair`) vmapped over a batch, key i of split(key, B) each.
+
+    The training steps vmap the same per-example functions with their own keys.
+    """
+    keys = jax.random.split(key, arrays[0].shape[0])
+    return jax.vmap(functools.partial(augment_fn, config=config))(keys, *arrays)
 
 
 def _random_images(batch: int, size: int = 32, seed: int = 0) -> jax.Array:
@@ -108,20 +120,15 @@ def test_config_accepts_lists_and_stays_hashable():
     hash(config)
 
 
-def test_pretrain_views_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="global"):
-        augment.pretrain_views(_key(), _random_images(2), jnp.zeros(2, jnp.int32), kind="crop")
-
-
 # ----------------------------------------------------------------------------------------------
 # Randomness: deterministic per key, one key per example.
 
 
 def _all_kinds(key, images, labels):
-    finetune_images, finetune_labels = augment.augment_finetune(key, images, labels)
+    finetune_images, finetune_labels = _batch(augment.finetune_pair, key, images, labels)
     return {
-        "global": augment.augment_global(key, images),
-        "local": augment.augment_local(key, images),
+        "global": _batch(augment.global_view, key, images),
+        "local": _batch(augment.local_view, key, images),
         "finetune_image": finetune_images,
         "finetune_label": finetune_labels,
     }
@@ -156,13 +163,11 @@ def test_zero_ranges_reproduce_the_input():
     )
     images = _random_images(4)
     labels = jnp.broadcast_to(jnp.asarray(_shapes_label(32)), (4, 32, 32))
-    np.testing.assert_allclose(
-        augment.augment_global(_key(), images, config=config), images, atol=1e-6
-    )
-    np.testing.assert_allclose(
-        augment.augment_local(_key(), images, config=config), images, atol=1e-6
-    )
-    out_images, out_labels = augment.augment_finetune(_key(), images, labels, config=config)
+    for view_fn in VIEW_FNS.values():
+        np.testing.assert_allclose(
+            _batch(view_fn, _key(), images, config=config), images, atol=1e-6
+        )
+    out_images, out_labels = _batch(augment.finetune_pair, _key(), images, labels, config=config)
     np.testing.assert_allclose(out_images, images, atol=1e-6)
     np.testing.assert_array_equal(out_labels, labels)
 
@@ -180,8 +185,11 @@ def test_global_crop_is_bilinear_resize_of_a_crop_inside_the_image(shape):
     batch = 48
     config = augment.AugmentConfig(**NO_INTENSITY)
     views = np.asarray(
-        augment.augment_global(
-            _key(4), jnp.broadcast_to(image, (batch, *image.shape)), config=config
+        _batch(
+            augment.global_view,
+            _key(4),
+            jnp.broadcast_to(image, (batch, *image.shape)),
+            config=config,
         )
     )
     crop_shape = (round(100 / 192 * height), round(100 / 192 * width))
@@ -220,12 +228,10 @@ def test_brightness_and_contrast_per_image_within_ranges(kind, brightness, contr
         crop_fraction=1.0, geometry_weights=ONLY["identity"], elastic_sigma=0.0
     )
     if kind == "finetune":
-        out, _ = augment.augment_finetune(
-            _key(6), images, jnp.zeros((batch, 32, 32), jnp.int32), config=config
-        )
+        labels = jnp.zeros((batch, 32, 32), jnp.int32)
+        out, _ = _batch(augment.finetune_pair, _key(6), images, labels, config=config)
     else:
-        view_fn = augment.augment_local if kind == "local" else augment.augment_global
-        out = view_fn(_key(6), images, config=config)
+        out = _batch(VIEW_FNS[kind], _key(6), images, config=config)
     x = np.asarray(images, np.float64).reshape(batch, -1)
     y = np.asarray(out, np.float64).reshape(batch, -1)
     x_centred = x - x.mean(axis=1, keepdims=True)
@@ -241,17 +247,16 @@ def test_brightness_and_contrast_per_image_within_ranges(kind, brightness, contr
     assert deltas.min() < -0.6 * brightness and deltas.max() > 0.6 * brightness
 
 
-@pytest.mark.parametrize("kind", augment.VIEW_KINDS)
+@pytest.mark.parametrize("kind", VIEW_FNS)
 def test_contrast_alone_keeps_each_view_mean(kind):
     images = jax.random.uniform(_key(5), (16, 32, 32, 1), minval=0.85, maxval=0.95)
     # A gradient, so that crops at different positions have different means.
     images = images * jnp.linspace(0.5, 1.0, 32)[:, None, None]
     config = augment.AugmentConfig(pretrain_brightness=0.0)
-    view_fn = augment.augment_local if kind == "local" else augment.augment_global
-    out = np.asarray(view_fn(_key(6), images, config=config), np.float64)
+    out = np.asarray(_batch(VIEW_FNS[kind], _key(6), images, config=config), np.float64)
     if kind == "global":  # the contrast centre is the mean of the view, not of the input
         identity = dataclasses.replace(config, pretrain_contrast=(1.0, 1.0))
-        expected = np.asarray(view_fn(_key(6), images, config=identity), np.float64)
+        expected = np.asarray(_batch(VIEW_FNS[kind], _key(6), images, config=identity), np.float64)
     else:
         expected = np.asarray(images, np.float64)
     np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), expected.mean(axis=(1, 2, 3)), atol=1e-5)
@@ -260,8 +265,8 @@ def test_contrast_alone_keeps_each_view_mean(kind):
 
 def test_pretraining_views_are_clipped():
     images = jax.random.uniform(_key(7), (16, 32, 32, 1), minval=0.0, maxval=1.5)
-    for view_fn in (augment.augment_global, augment.augment_local):
-        out = np.asarray(view_fn(_key(8), images))
+    for view_fn in VIEW_FNS.values():
+        out = np.asarray(_batch(view_fn, _key(8), images))
         assert out.min() >= 0.0 and out.max() <= 1.5
         assert (out == 0.0).any() and (out == 1.5).any()
 
@@ -292,8 +297,9 @@ def _classify_affine(matrix: np.ndarray, config: augment.AugmentConfig) -> tuple
 def test_finetune_geometry_is_one_recipe_op_about_the_centre():
     batch, size = 200, 32
     config = augment.AugmentConfig(elastic_sigma=0.0, **NO_INTENSITY)
-    warped, _ = augment.augment_finetune(
-        _key(9), _ramp_images(batch, size), jnp.zeros((batch, size, size), jnp.int32), config=config
+    labels = jnp.zeros((batch, size, size), jnp.int32)
+    warped, _ = _batch(
+        augment.finetune_pair, _key(9), _ramp_images(batch, size), labels, config=config
     )
     centre = np.full(2, (size - 1) / 2)
     counts = dict.fromkeys(augment.GEOMETRY_OPS, 0)
@@ -319,7 +325,7 @@ def test_flip_is_exact():
     config = augment.AugmentConfig(geometry_weights=ONLY["flip"], elastic_sigma=0.0, **NO_INTENSITY)
     images = _random_images(2)
     labels = jnp.broadcast_to(jnp.asarray(_shapes_label(32)), (2, 32, 32))
-    out_images, out_labels = augment.augment_finetune(_key(), images, labels, config=config)
+    out_images, out_labels = _batch(augment.finetune_pair, _key(), images, labels, config=config)
     # Exact geometry; the identity contrast (x - mean) + mean may round in the last bit.
     np.testing.assert_allclose(out_images, np.asarray(images)[:, :, ::-1], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(out_labels, np.asarray(labels)[:, :, ::-1])
@@ -334,7 +340,7 @@ def test_rotation_by_two_steps_is_a_quarter_turn():
     )
     images = _random_images(2)
     labels = jnp.broadcast_to(jnp.asarray(_shapes_label(32)), (2, 32, 32))
-    out_images, out_labels = augment.augment_finetune(_key(), images, labels, config=config)
+    out_images, out_labels = _batch(augment.finetune_pair, _key(), images, labels, config=config)
     # Output (r, c) reads input (W-1-c, r): np.rot90 with k=-1 (clockwise).
     np.testing.assert_allclose(out_images, np.rot90(images, k=-1, axes=(1, 2)), atol=1e-4)
     np.testing.assert_array_equal(out_labels, np.rot90(labels, k=-1, axes=(1, 2)))
@@ -346,7 +352,8 @@ def test_elastic_field_is_a_bicubic_upsampled_gaussian_grid_applied_after_the_af
     config = augment.AugmentConfig(
         geometry_weights=ONLY[op], rotation_steps=steps, elastic_sigma=sigma, **NO_INTENSITY
     )
-    warped, _ = augment.augment_finetune(
+    warped, _ = _batch(
+        augment.finetune_pair,
         _key(10),
         _ramp_images(batch, size),
         jnp.zeros((batch, size, size), jnp.int32),
@@ -381,7 +388,9 @@ def test_label_follows_the_image_geometry():
         indicator = jnp.broadcast_to(
             jnp.asarray(label == value, jnp.float32)[..., None], (batch, size, size, 1)
         )
-        images, warped_labels = augment.augment_finetune(_key(11), indicator, labels, config=config)
+        images, warped_labels = _batch(
+            augment.finetune_pair, _key(11), indicator, labels, config=config
+        )
         for image, warped_label in zip(np.asarray(images), np.asarray(warped_labels), strict=True):
             predicted, expected = image[..., 0] > 0.5, warped_label == value
             if expected.sum() < 30:
@@ -395,34 +404,25 @@ def test_labels_keep_their_values_and_dtype():
     label[4:20, 6:25] = 2
     label[18:30, 3:14] = 5
     labels = jnp.broadcast_to(jnp.asarray(label), (16, 32, 32))
-    _, out = augment.augment_finetune(_key(12), _random_images(16), labels)
+    _, out = _batch(augment.finetune_pair, _key(12), _random_images(16), labels)
     assert out.dtype == jnp.uint8
     assert set(np.unique(out)) <= {0, 2, 5}
     assert {2, 5} <= set(np.unique(out))
 
 
 # ----------------------------------------------------------------------------------------------
-# View recipes, jit and pmap.
+# Batching (vmap, as in the training steps), jit and pmap. Keeping the un-augmented views of a
+# G^{D-} / G^D batch is the steps' job: tests/train/test_steps.py.
 
 
-@pytest.mark.parametrize("kind", augment.VIEW_KINDS)
-def test_views_outside_the_recipe_are_the_input(kind):
-    images = _random_images(6)
-    view_ids = jnp.array([0, 1, 2, 0, 1, 2])
-    out = np.asarray(
-        augment.pretrain_views(_key(13), images, view_ids, kind=kind, augmented_views=(1, 2))
-    )
-    np.testing.assert_array_equal(out[[0, 3]], np.asarray(images)[[0, 3]])
-    for row in (1, 2, 4, 5):
-        assert not np.allclose(out[row], images[row], atol=1e-3), row
-
-
-def test_batch_is_the_single_example_augmentation_with_split_keys():
+def test_vmapped_augmentation_is_the_single_example_augmentation():
     config = augment.AugmentConfig(elastic_sigma=3.0, rotation_degrees=10.0)
     images = _random_images(4)
     labels = jnp.broadcast_to(jnp.asarray(_shapes_label(32)), (4, 32, 32))
-    batch_images, batch_labels = augment.augment_finetune(_key(14), images, labels, config=config)
-    batch_views = augment.augment_global(_key(14), images, config=config)
+    batch_images, batch_labels = _batch(
+        augment.finetune_pair, _key(14), images, labels, config=config
+    )
+    batch_views = _batch(augment.global_view, _key(14), images, config=config)
     finetune_pair = jax.jit(functools.partial(augment.finetune_pair, config=config))
     global_view = jax.jit(functools.partial(augment.global_view, config=config))
     for index, key in enumerate(jax.random.split(_key(14), 4)):
@@ -433,12 +433,15 @@ def test_batch_is_the_single_example_augmentation_with_split_keys():
 
 
 def test_bound_config_compiles_once_for_new_keys():
-    config = augment.AugmentConfig(crop_fraction=0.75)
+    # Bound as in the training steps: partial(view, config=...), vmapped over per-example keys.
+    view_fn = functools.partial(
+        augment.global_view, config=augment.AugmentConfig(crop_fraction=0.75)
+    )
 
     @jax.jit
     @chex.assert_max_traces(n=1)
     def step(key, images):
-        return augment.augment_global(key, images, config=config)
+        return jax.vmap(view_fn)(jax.random.split(key, images.shape[0]), images)
 
     images = _random_images(2)
     first, second = step(_key(1), images), step(_key(2), images)
@@ -462,8 +465,8 @@ def test_runs_inside_pmap_with_one_key_per_device():
     keys = jax.random.split(_key(15), devices)
 
     def step(key, images, labels):
-        finetune_images, finetune_labels = augment.augment_finetune(key, images, labels)
-        return augment.augment_global(key, images), finetune_images, finetune_labels
+        finetune_images, finetune_labels = _batch(augment.finetune_pair, key, images, labels)
+        return _batch(augment.global_view, key, images), finetune_images, finetune_labels
 
     mapped = jax.pmap(step, axis_name="batch")(keys, images, labels)
     for device in range(devices):

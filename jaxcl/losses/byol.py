@@ -10,16 +10,7 @@ caller cannot forget it).
 import jax
 import jax.numpy as jnp
 
-# Squared-norm floor of the normalisation, as in the contrastive kernel (docs/METHOD.md §3): a zero
-# vector normalises to zero (cosine 0, loss 2) with finite gradients instead of NaN.
-_MIN_SQUARED_NORM = 1e-12
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    """Returns `x / sqrt(max(|x|², 1e-12))` along the last axis, in float32."""
-    x = x.astype(jnp.float32)
-    squared_norm = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, _MIN_SQUARED_NORM))
+from jaxcl.losses.contrastive import l2_normalize
 
 
 def regression_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
@@ -39,7 +30,7 @@ def regression_loss(prediction: jax.Array, target: jax.Array) -> jax.Array:
             "the target projector have the same output size."
         )
     target = jax.lax.stop_gradient(target)
-    cosine = jnp.sum(_l2_normalize(prediction) * _l2_normalize(target), axis=-1)
+    cosine = jnp.sum(l2_normalize(prediction) * l2_normalize(target), axis=-1)
     return 2.0 - 2.0 * cosine
 
 

@@ -1,12 +1,11 @@
-"""Soft Dice, cross-entropy and hard Dice against hand-computed cases and numpy loops.
+"""Soft Dice loss against hand-computed cases and a numpy loop (docs/METHOD.md §9).
 
-Definitions: docs/METHOD.md §9 (fine-tuning loss) and §11 (evaluation Dice).
+The hard evaluation Dice (§11) is `jaxcl.evaluate.dice_per_class`, tested in tests/test_evaluate.py.
 """
 
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -29,15 +28,6 @@ def _numpy_soft_dice_loss(logits, labels, num_classes, include_background):
             y = (labels[b] == c).astype(np.float64)
             dices.append(2.0 * np.sum(p * y) / (np.sum(p) + np.sum(y) + 1e-10))
     return 1.0 - np.mean(dices)
-
-
-def _numpy_hard_dice(predictions, labels, num_classes):
-    scores = []
-    for c in range(num_classes):
-        p, y = predictions == c, labels == c
-        total = p.sum() + y.sum()
-        scores.append(1.0 if total == 0 else 2.0 * np.sum(p & y) / total)
-    return np.array(scores)
 
 
 def test_soft_dice_hand_case():
@@ -77,53 +67,3 @@ def test_soft_dice_perfect_prediction_and_finite_gradients():
 def test_soft_dice_rejects_wrong_class_count():
     with pytest.raises(ValueError, match="num_classes"):
         segmentation.soft_dice_loss(HAND_LOGITS, HAND_LABELS, num_classes=3)
-
-
-def test_cross_entropy_hand_case_and_reference():
-    # Pixels: p(label) = 0.75, 0.75 (image 0); 0.25, 0.75 (image 1).
-    expected = -(3.0 * math.log(0.75) + math.log(0.25)) / 4.0
-    np.testing.assert_allclose(
-        segmentation.cross_entropy(HAND_LOGITS, HAND_LABELS), expected, rtol=1e-6
-    )
-    rng = np.random.default_rng(1)
-    logits = rng.normal(size=(2, 3, 3, 5))
-    labels = rng.integers(0, 5, size=(2, 3, 3))
-    log_probabilities = logits - np.log(np.sum(np.exp(logits), -1, keepdims=True))
-    reference = -np.mean(np.take_along_axis(log_probabilities, labels[..., None], -1))
-    np.testing.assert_allclose(segmentation.cross_entropy(logits, labels), reference, rtol=1e-5)
-
-
-def test_dice_per_class_hand_case():
-    predictions = np.array([[0, 1, 1], [2, 0, 0]])
-    labels = np.array([[0, 1, 2], [2, 2, 0]])
-    # class 0: |P|=3, |Y|=2, ∩=2; class 1: 2, 1, 1; class 2: 1, 3, 1; class 3: empty vs empty.
-    expected = [4.0 / 5.0, 2.0 / 3.0, 2.0 / 4.0, 1.0]
-    np.testing.assert_allclose(
-        segmentation.dice_per_class(predictions, labels, num_classes=4), expected, rtol=1e-6
-    )
-    # A class predicted but absent from the reference scores 0, and the reverse as well.
-    np.testing.assert_allclose(
-        segmentation.dice_per_class(np.array([1, 0]), np.array([0, 0]), num_classes=2),
-        [2.0 / 3.0, 0.0],
-        rtol=1e-6,
-    )
-    np.testing.assert_allclose(
-        segmentation.dice_per_class(np.array([0, 0]), np.array([1, 0]), num_classes=2),
-        [2.0 / 3.0, 0.0],
-        rtol=1e-6,
-    )
-
-
-def test_dice_per_class_matches_numpy_reference_on_a_volume_under_jit():
-    rng = np.random.default_rng(2)
-    labels = rng.integers(0, 3, size=(4, 16, 16))  # class 3 of 4 never occurs
-    predictions = np.where(rng.random(labels.shape) < 0.7, labels, rng.integers(0, 4, labels.shape))
-    dice = jax.jit(lambda p, y: segmentation.dice_per_class(p, y, num_classes=4))(
-        predictions, labels
-    )
-    np.testing.assert_allclose(dice, _numpy_hard_dice(predictions, labels, 4), rtol=1e-6)
-
-
-def test_dice_per_class_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="argmax"):
-        segmentation.dice_per_class(jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 4, 4)), num_classes=3)

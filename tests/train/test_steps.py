@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcl.augment import AugmentConfig
+from jaxcl.augment import AugmentConfig, global_view, local_view
 from jaxcl.data import pipeline
 from jaxcl.losses.local import region_positions
 from jaxcl.models import ByolNetwork, GlobalContrastiveModel, LocalContrastiveModel, UNet
@@ -385,3 +385,17 @@ def test_global_views_keep_view_zero_for_gd_strategies():
     np.testing.assert_array_equal(
         steps._global_augment_mask("GD", view_ids, (2,)), [0, 0, 1, 0, 0, 1]
     )
+
+
+@pytest.mark.parametrize("view_fn", [global_view, local_view], ids=["global", "local"])
+def test_views_outside_the_augmented_views_are_the_input(view_fn):
+    images = jax.random.uniform(jax.random.key(13), (6, SIZE, SIZE, 1), minval=0.1, maxval=1.4)
+    mask = steps._global_augment_mask("GD", jnp.array([0, 1, 2, 0, 1, 2]), (1, 2))
+
+    def views(images):  # one device of the "batch" axis, for `example_keys`
+        return steps._views(view_fn, jax.random.key(14), images, mask)
+
+    out = np.asarray(jax.vmap(views, axis_name=AXIS_NAME)(images[None])[0])
+    np.testing.assert_array_equal(out[[0, 3]], np.asarray(images)[[0, 3]])
+    for row in (1, 2, 4, 5):
+        assert not np.allclose(out[row], images[row], atol=1e-3), row
