@@ -37,6 +37,7 @@ import optax
 from absl import app, flags
 
 from configs import acdc
+from jaxcl import methods
 from jaxcl.data import splits
 from jaxcl.experiments import plan
 from jaxcl.losses import contrastive, local
@@ -60,7 +61,9 @@ NUM_CLASSES = 4  # ACDC: background, RV, Myo, LV
 EMBEDDING, HIDDEN = 128, 1024
 GIB, MIB = 2**30, 2**20
 GLOBAL = ("GR", "GD-", "GD")
-STRATEGIES = (*GLOBAL, *recipes.BYOL_STRATEGIES, *recipes.LOCAL_STRATEGIES, "finetune")
+BYOL = ("BYOL", "BYOL-D")
+LOCAL = methods.names(methods.LOCAL_STAGE)
+STRATEGIES = (*GLOBAL, *BYOL, *LOCAL, "finetune")
 # docs/METHOD.md §9 on ACDC: G^D, then L^R, then fine-tuning.
 PAPER_STAGES = ("GD", "LR", "finetune")
 # Adam per trained parameter: read parameter, gradient, m, v and write parameter, m, v (float32).
@@ -119,7 +122,7 @@ def markdown(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def _recipe(strategy: str) -> recipes.BatchRecipe:
-    kind, units, views = recipes.PAPER_BATCHES[strategy]
+    kind, units, views = methods.METHODS[strategy].batch
     return recipes.BatchRecipe(kind=kind, num_units=units, num_views=views)
 
 
@@ -164,7 +167,7 @@ def build_step(strategy: str, dtype) -> tuple[Callable, tuple]:
         step = functools.partial(
             steps.pretrain_global_step, model=model, strategy=strategy, temperature=temperature
         )
-    elif strategy in recipes.BYOL_STRATEGIES:
+    elif strategy in BYOL:
         online, target = ByolNetwork(predict=True, **common), ByolNetwork(predict=False, **common)
         state = _abstract_byol_state(online, target, tx)
         step = functools.partial(
@@ -174,7 +177,7 @@ def build_step(strategy: str, dtype) -> tuple[Callable, tuple]:
             total_steps=config.pretrain_global.steps,
             tau_base=config.pretrain_global.tau_base,
         )
-    elif strategy in recipes.LOCAL_STRATEGIES:
+    elif strategy in LOCAL:
         positions = local.region_positions(local_side(), kind="paper")
         model = LocalContrastiveModel(tuple(map(tuple, positions.tolist())), **common)
         state = _abstract_state(model, steps.frozen_encoder_tx(tx))
@@ -184,7 +187,7 @@ def build_step(strategy: str, dtype) -> tuple[Callable, tuple]:
             strategy=strategy,
             temperature=temperature,
             num_anchors=local.PAPER_NUM_ANCHORS,
-            views_per_group=_recipe(strategy).views_per_group(strategy, 1),
+            views_per_group=_recipe(strategy).views_per_group(1),
         )
     else:
         model = UNet(NUM_CLASSES, **common)
@@ -323,14 +326,14 @@ def stage_layers(strategy: str) -> list[tuple[Layer, str]]:
     if strategy in GLOBAL:
         g1 = [dense("g1/hidden", bottleneck, HIDDEN), dense("g1/output", HIDDEN, EMBEDDING)]
         return [(layer, "train") for layer in encoder + g1]
-    if strategy in recipes.BYOL_STRATEGIES:
+    if strategy in BYOL:
         projector = [dense("projector/hidden", bottleneck, HIDDEN, batch_norm=True)]
         projector.append(dense("projector/output", HIDDEN, EMBEDDING))
         predictor = [dense("predictor/hidden", EMBEDDING, HIDDEN, batch_norm=True)]
         predictor.append(dense("predictor/output", HIDDEN, EMBEDDING))
         online = [(layer, "train") for layer in encoder + projector + predictor]
         return online + [(layer, "forward_batch_stats") for layer in encoder + projector]
-    if strategy in recipes.LOCAL_STRATEGIES:
+    if strategy in LOCAL:
         blocks = acdc.get_config().model.num_decoder_blocks
         decoder = [
             layer
@@ -398,11 +401,11 @@ def contrast_counts(strategy: str, num_devices: int) -> tuple[int, int, int]:
     negatives="all" (docs/METHOD.md §5), its group a slice (L^R) or a partition of the global
     batch (L^D).
     """
-    if strategy not in (*GLOBAL, *recipes.LOCAL_STRATEGIES):
+    if strategy not in (*GLOBAL, *LOCAL):
         raise ValueError(
             f"contrast_counts: {strategy!r} has no negatives; use GR, GD-, GD, LR, LD."
         )
-    _, units, views = recipes.PAPER_BATCHES[strategy]
+    _, units, views = methods.METHODS[strategy].batch
     partitions = acdc.get_config().data.n_partitions
     n = images_per_step(strategy) * num_devices
     other_partitions = n * (partitions - 1) // partitions
@@ -559,10 +562,10 @@ def negatives_section() -> None:
     """Global batch, positives and negatives per anchor against devices, and the ACDC pool."""
     pool = len(splits.get_split("acdc", "pretrain"))
     rows = []
-    for strategy in (*GLOBAL, *recipes.LOCAL_STRATEGIES):
-        kind, units, _ = recipes.PAPER_BATCHES[strategy]
+    for strategy in (*GLOBAL, *LOCAL):
+        kind, units, _ = methods.METHODS[strategy].batch
         anchors = images_per_step(strategy)
-        if strategy in recipes.LOCAL_STRATEGIES:
+        if strategy in LOCAL:
             anchors *= local.PAPER_NUM_ANCHORS  # regions
         for devices in map(int, _DEVICE_COUNTS.value):
             drawn = units * devices
@@ -642,7 +645,7 @@ def protocol_section() -> None:
     g, l, f = config.pretrain_global.steps, config.pretrain_local.steps, config.finetune.steps
     chosen = plan.selection(config, splits.paper_splits("acdc"))
     pretrainings = [
-        (l, run.local_name) if run.local_name else (g, plan.GLOBAL_STRATEGIES[run.global_name])
+        (l, run.local_name) if run.local_name else (g, run.global_name)
         for run in plan.pretrainings(chosen.inits)
     ]
     cells = len(plan.cells(chosen))

@@ -1,8 +1,9 @@
 r"""Speed of jaxcl's real training steps at 192² and the paper's batch sizes, vs the matmul peak.
 
 For every stage (G^R, G^{D-}, G^D, BYOL, BYOL-D, L^R, L^D, fine-tuning) this builds the state,
-batch and step exactly as `jaxcl.train.trainer` does for `configs/acdc.py` (paper
-hyper-parameters; batches from `jaxcl.data.pipeline` over random volumes), maps the step with
+batch and step with the builders `jaxcl.train.trainer` runs (`jaxcl.methods`) for
+`configs/acdc.py` (paper hyper-parameters; batches from `jaxcl.data.pipeline` over random
+volumes), maps the step with
 `DataParallel` over the local devices, and prints:
 
 - compile time (lower + XLA compile) and the median step time of `--repeats` calls;
@@ -42,16 +43,14 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import acdc  # noqa: E402
-from jaxcl import augment  # noqa: E402
+from jaxcl import methods  # noqa: E402
 from jaxcl.data import pipeline  # noqa: E402
-from jaxcl.losses import byol as byol_loss  # noqa: E402
-from jaxcl.losses import contrastive, local  # noqa: E402
-from jaxcl.models import stages as stage_models  # noqa: E402
+from jaxcl.methods import parts as parts_lib  # noqa: E402
 from jaxcl.models.unet import UNet  # noqa: E402
 from jaxcl.train import recipes, steps  # noqa: E402
 from jaxcl.train.parallel import AXIS_NAME, DataParallel  # noqa: E402
 
-STAGES = ("GR", "GD-", "GD", "byol", "byol-GD", "LR", "LD", "finetune")
+STAGES = (*methods.METHODS, "finetune")
 _STAGES = flags.DEFINE_list("stages", list(STAGES), f"Any of {', '.join(STAGES)}.")
 _REPEATS = flags.DEFINE_integer("repeats", 8, "Timed steps per stage (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
@@ -115,30 +114,20 @@ class Case:
     outputs: jax.ShapeDtypeStruct | None = None  # per-device network outputs
 
 
-def _model_options(config) -> dict:
-    return {"filters": tuple(config.model.filters), "dtype": jnp.float32, "axis_name": AXIS_NAME}
-
-
-def _mapped_views(parallel, view_fn, mask_fn=None):
-    def views(batch, rng):
-        mask = None if mask_fn is None else mask_fn(batch)
-        return steps._views(view_fn, rng, batch["image"], mask)
-
-    return parallel.map_step(lambda _, batch, rng: (None, views(batch, rng)), donate_state=False)
-
-
 def build_case(name: str, config, parallel: DataParallel, pool: pipeline.SlicePool) -> Case:
-    """The trainer's state and step of stage `name` for `config` (see jaxcl.train.trainer)."""
-    example = jnp.zeros((1, config.data.image_size, config.data.image_size, 1), jnp.float32)
+    """The trainer's state and step of stage `name` for `config` (the builders of
+    `jaxcl.methods`, as `jaxcl.train.trainer` runs them; fine-tuning as the trainer builds it)."""
+    example = parts_lib.example_input(config)
     key = jax.random.key(0)
-    options = _model_options(config)
-    aug = augment.AugmentConfig(**config.augment.to_dict())
     if name == "finetune":
         cfg = config.finetune
-        model = UNet(num_classes=_NUM_CLASSES, **options)
+        model = UNet(num_classes=_NUM_CLASSES, **parts_lib.model_options(config))
         state = steps.create_train_state(model, key, example, optax.adam(cfg.learning_rate))
         step = functools.partial(
-            steps.finetune_step, model=model, num_classes=_NUM_CLASSES, augment_config=aug
+            steps.finetune_step,
+            model=model,
+            num_classes=_NUM_CLASSES,
+            augment_config=parts_lib.augment_config(config),
         )
         batches = pipeline.labelled_batches(
             pool, batch_size=cfg.batch_size, seed=0, local_device_count=parallel.num_local_devices
@@ -146,128 +135,38 @@ def build_case(name: str, config, parallel: DataParallel, pool: pipeline.SlicePo
         batch = parallel.put_batch(next(iter(batches.iterate(0))))
         return Case(parallel.map_step(step), parallel.put_state(state), batch, cfg.batch_size)
 
-    stage = "pretrain_local" if name in recipes.LOCAL_STRATEGIES else "pretrain_global"
-    cfg = config[stage].copy_and_resolve_references()
-    cfg.strategy = name
-    recipe = recipes.batch_recipe(cfg, stage)
+    stage = methods.METHODS[name].stage
+    config = config.copy_and_resolve_references()
+    config[stage].strategy = name
+    recipe = methods.batch_recipe(config[stage], stage)
+    parts = methods.build(config, stage, recipe=recipe, num_devices=parallel.num_devices, key=key)
     batches = recipes.make_batches(
         pool, recipe, seed=0, local_device_count=parallel.num_local_devices
     )
     batch = parallel.put_batch(next(iter(batches.iterate(0))))
-    images = recipe.images_per_step(config.data.n_partitions)
-    per_device = images // parallel.num_devices
-    sizes = {
-        "hidden_features": config.model.global_hidden_features,
-        "features": config.model.embedding_features,
-    }
-    tx = optax.adam(cfg.learning_rate)
-    if name in recipes.BYOL_STRATEGIES:
-        online = stage_models.ByolNetwork(predict=True, **sizes, **options)
-        target = stage_models.ByolNetwork(predict=False, **sizes, **options)
-        state = steps.create_byol_state(online, target, key, example, tx)
-        step = functools.partial(
-            steps.byol_step,
-            online_model=online,
-            target_model=target,
-            total_steps=cfg.steps,
-            tau_base=cfg.tau_base,
-            augment_config=aug,
-        )
-        view_fn = functools.partial(augment.global_view, config=aug)
-        outputs = jax.ShapeDtypeStruct((per_device, config.model.embedding_features), jnp.float32)
+    per_device = recipe.images_per_step(config.data.n_partitions) // parallel.num_devices
+    # Shapes only, under a named axis for cross-replica BatchNorm.
+    one_device = jax.vmap(parts.outputs, in_axes=(None, 0), axis_name=AXIS_NAME)
+    outputs = jax.eval_shape(
+        lambda state, x: one_device(state, x[None])[0],
+        parts.state,
+        jax.ShapeDtypeStruct((per_device, *example.shape[1:]), jnp.float32),
+    )
 
-        def loss(predictions, batch):
-            # Symmetrised regression of each view's prediction onto the other's (stopped) output.
-            pairs = predictions.reshape(-1, 2, predictions.shape[-1])
-            first, second = pairs[:, 0], pairs[:, 1]
-            targets = jax.lax.stop_gradient((second, first))
-            return byol_loss.symmetric_loss(first, second, *targets, axis_name=AXIS_NAME)
-
-        mask_fn = None
-    elif stage == "pretrain_global":
-        model = stage_models.GlobalContrastiveModel(**sizes, **options)
-        state = steps.create_train_state(model, key, example, tx)
-        step = functools.partial(
-            steps.pretrain_global_step,
-            model=model,
-            strategy=name,
-            temperature=cfg.temperature,
-            augment_config=aug,
-        )
-        view_fn = functools.partial(augment.global_view, config=aug)
-        outputs = jax.ShapeDtypeStruct((per_device, config.model.embedding_features), jnp.float32)
-
-        def loss(embeddings, batch):
-            return contrastive.global_loss(
-                embeddings,
-                batch["sample_id"],
-                batch["partition_id"],
-                strategy=name,
-                temperature=cfg.temperature,
-                axis_name=AXIS_NAME,
-            )
-
-        def mask_fn(batch):
-            return steps._global_augment_mask(name, batch["view_id"], None)
-    else:
-        blocks = config.model.num_decoder_blocks
-        feature_size = config.data.image_size // 2 ** (5 - blocks)
-        positions = local.region_positions(
-            feature_size, kind=cfg.positions, grid_size=cfg.grid_size
-        )
-        model = stage_models.LocalContrastiveModel(
-            positions=tuple(tuple(int(v) for v in p) for p in positions),
-            num_decoder_blocks=blocks,
-            features=config.model.embedding_features,
-            freeze_encoder=True,
-            **options,
-        )
-        state = steps.create_train_state(model, key, example, steps.frozen_encoder_tx(tx))
-        num_anchors = local.PAPER_NUM_ANCHORS if cfg.positions == "paper" else None
-        views_per_group = recipe.views_per_group(name, parallel.num_devices)
-        step = functools.partial(
-            steps.pretrain_local_step,
-            model=model,
-            strategy=name,
-            temperature=cfg.temperature,
-            negatives=cfg.negatives,
-            num_anchors=num_anchors,
-            views_per_group=views_per_group,
-            augment_config=aug,
-        )
-        view_fn = functools.partial(augment.local_view, config=aug)
-        outputs = jax.eval_shape(
-            lambda variables, x: model.apply(variables, x, train=False),
-            jax.eval_shape(functools.partial(model.init, train=False), key, example),
-            jax.ShapeDtypeStruct((per_device, *example.shape[1:]), jnp.float32),
-        )
-
-        def loss(regions, batch):
-            return local.local_loss(
-                regions,
-                batch["sample_id"],
-                batch["partition_id"],
-                strategy=name,
-                temperature=cfg.temperature,
-                negatives=cfg.negatives,
-                num_anchors=num_anchors,
-                views_per_group=views_per_group,
-                axis_name=AXIS_NAME,
-            )
-
-        mask_fn = None
+    def views(_, batch, rng):
+        return None, parts.views(batch, rng)
 
     def loss_grad(_, inputs, rng):
         del rng
-        outputs, batch = inputs
-        return None, jax.value_and_grad(loss)(outputs, batch)
+        network_outputs, batch = inputs
+        return None, jax.value_and_grad(parts.loss)(network_outputs, batch)
 
     return Case(
-        step=parallel.map_step(step),
-        state=parallel.put_state(state),
+        step=parallel.map_step(parts.step),
+        state=parallel.put_state(parts.state),
         batch=batch,
-        images=images,
-        views=_mapped_views(parallel, view_fn, mask_fn),
+        images=recipe.images_per_step(config.data.n_partitions),
+        views=parallel.map_step(views, donate_state=False),
         loss_grad=parallel.map_step(loss_grad, donate_state=False),
         outputs=outputs,
     )

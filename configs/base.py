@@ -2,7 +2,7 @@
 
 Dataset configs (`configs/<dataset>.py`) start from `get_config()` here and set the data
 section. Batch-size keys left at None take the paper's value for the chosen strategy
-(`jaxcl.train.recipes.PAPER_BATCHES`), so `--config.pretrain_global.strategy=GR` alone
+(`jaxcl.methods.Method.batch`), so `--config.pretrain_global.strategy=GR` alone
 switches to the G^R batch of 24 slices x 2 views.
 """
 
@@ -60,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment = ml_collections.ConfigDict()  # overrides of jaxcl.augment.AugmentConfig
 
     config.pretrain_global = ml_collections.ConfigDict()
-    config.pretrain_global.strategy = "GD"  # GR | GD- | GD | byol | byol-GD
+    config.pretrain_global.strategy = "GD"  # GR | GD- | GD | BYOL | BYOL-D (jaxcl.methods)
     config.pretrain_global.steps = 10_000
     config.pretrain_global.learning_rate = 1e-3
     config.pretrain_global.temperature = 0.1

@@ -7,7 +7,7 @@ or pre-training. The sections of the stages in `config.stages` are checked (thei
 `num_devices`), and the data, model and augment sections that every stage uses.
 
 The rules stay where they live: the checks call the functions that would raise later
-(`recipes.batch_recipe`, `Splits.get`, `local.region_positions`, `augment.AugmentConfig`,
+(`methods.batch_recipe`, `Splits.get`, `local.region_positions`, `augment.AugmentConfig`,
 ...) and turn their ValueError into an entry; written here are only the checks that otherwise
 fail inside a stage (batches that do not split over the devices, a missing export folder).
 """
@@ -21,14 +21,15 @@ from typing import Any
 
 import ml_collections
 
-from jaxcl import augment, files
+from jaxcl import augment, files, methods
 from jaxcl.data import sources
 from jaxcl.data import splits as dataset_splits
 from jaxcl.data.orientation import SLICE_AXES
 from jaxcl.data.splits import Splits
 from jaxcl.losses import local
+from jaxcl.methods import local_contrastive
 from jaxcl.models import unet
-from jaxcl.train import parallel, recipes, schedules
+from jaxcl.train import parallel, schedules
 
 # The stages in the order they run; each later one loads what an earlier one exports.
 STAGES = ("pretrain_global", "pretrain_local", "finetune", "evaluate")
@@ -48,8 +49,6 @@ _POSITIVE = {
 _STAGE_POSITIVE = {"steps": "e.g. 10000", "learning_rate": "the paper uses 1e-3"}
 _FINETUNE_POSITIVE = {**_STAGE_POSITIVE, "val_every": "e.g. 50 steps", "batch_size": "e.g. 20"}
 _CONTRASTIVE_POSITIVE = {"temperature": "the paper uses 0.1"}
-# Strategies whose positives are the other views of the same slice (docs/METHOD.md §4-§5).
-_SAME_SLICE_POSITIVES = ("GR", "GD-", "LR")
 _FRAME_DATASETS = ("acdc", "synthetic")  # datasets with a cardiac phase (config.data.frame)
 _SOURCES = {"encoder_from": "pretrain_global", "decoder_from": "pretrain_local"}
 
@@ -242,11 +241,12 @@ def _pretraining_problems(
             yield _problem(f"{stage}.{key}", cfg[key], "must be positive", "None: paper value")
             return
     try:
-        recipe = recipes.batch_recipe(cfg, stage, pool_volumes)
+        method = methods.get(cfg.strategy, stage)
+        recipe = methods.batch_recipe(cfg, stage, pool_volumes)
     except ValueError as error:
         yield _entry(f"{stage}.strategy", cfg.strategy, str(error))
         return
-    if cfg.strategy in _SAME_SLICE_POSITIVES and recipe.num_views < 2:
+    if method.same_slice_positives and recipe.num_views < 2:
         yield _problem(
             f"{stage}.num_views",
             cfg.num_views,
@@ -261,11 +261,13 @@ def _pretraining_problems(
     )
     count, multiple = recipe.num_units * volumes, num_devices * volumes
     yield from _split_problems(f"{stage}.{key}", cfg[key], count, unit, multiple, devices, limit)
-    if cfg.strategy not in recipes.BYOL_STRATEGIES:
+    if "temperature" in method.settings:
         yield from _positive(config, _CONTRASTIVE_POSITIVE, f"{stage}.")
-    elif message := _raised(lambda: schedules.byol_tau(0, 1, cfg.tau_base)):
+    if "tau_base" in method.settings and (
+        message := _raised(lambda: schedules.byol_tau(0, 1, cfg.tau_base))
+    ):
         yield _entry(f"{stage}.tau_base", cfg.tau_base, message)
-    if stage == "pretrain_local":
+    if "positions" in method.settings:
         yield from _region_problems(config)
 
 
@@ -283,7 +285,7 @@ def _region_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
         )
     if blocks not in range(1, unet.NUM_POOLS + 1) or not _fits_unet(size):
         return  # reported with the model and data sections
-    feature_size = size // 2 ** (unet.NUM_POOLS - blocks)
+    feature_size = local_contrastive.feature_size(size, blocks)
     if message := _raised(
         lambda: local.region_positions(feature_size, cfg.positions, cfg.grid_size)
     ):

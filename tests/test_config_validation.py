@@ -122,7 +122,7 @@ BAD_VALUES = [
     (
         "pretrain_global.strategy",
         "XX",
-        ["config.pretrain_global.strategy='XX'", "('GR', 'GD-', 'GD', 'byol', 'byol-GD')"],
+        ["config.pretrain_global.strategy='XX'", "('GR', 'GD-', 'GD', 'BYOL', 'BYOL-D')"],
     ),
     ("pretrain_local.strategy", "LX", ["config.pretrain_local.strategy='LX'", "('LR', 'LD')"]),
     ("data.image_size", 100, ["config.data.image_size=100", "multiple of 32", "96 or 128"]),
@@ -229,7 +229,7 @@ def test_missing_export_folder(load_config, tmp_path):
 def test_byol_checks(load_config):
     config = load_config("synthetic", "quick")
     config.stages = ("pretrain_global",)
-    config.pretrain_global.strategy = "byol-GD"
+    config.pretrain_global.strategy = "BYOL-D"
     config.pretrain_global.num_volumes = 3  # BYOL-D pairs volumes
     assert "must be even" in _only_problem(config)
     config.pretrain_global.num_volumes = None  # paper: 3 pairs = 6 volumes

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxcl import methods
 from jaxcl.experiments import plan, table
 
 RANDOM = "random"
@@ -161,7 +162,7 @@ def claims_markdown(verdicts: Sequence[Verdict]) -> str:
     for number, verdict in enumerate(verdicts, 1):
         for c in verdict.comparisons:
             lines.append(
-                f"| {number} | {table.init_label(c.better)} vs {table.init_label(c.worse)} | "
+                f"| {number} | {methods.label(c.better)} vs {methods.label(c.worse)} | "
                 f"{c.labelled_set.removeprefix('tr')} | {c.mean:+.3f} ± {c.std:.3f} | "
                 f"{c.wins}/{len(c.differences)} |"
             )

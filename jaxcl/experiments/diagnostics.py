@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxcl import files
-from jaxcl.experiments import plan, table
+from jaxcl import files, methods
+from jaxcl.experiments import plan
 from jaxcl.train.trainer import DONE_FILE
 
 METRICS = "metrics/metrics.jsonl"
@@ -160,7 +160,7 @@ def diagnostics_markdown(curves: Sequence[LossCurve], validations: Sequence[Vali
     ]
     for c in curves:
         lines.append(
-            f"| {table.init_label(c.name)} | {c.stage.removeprefix('pretrain_')} | {c.steps} | "
+            f"| {methods.label(c.name)} | {c.stage.removeprefix('pretrain_')} | {c.steps} | "
             f"{c.first:.4f} | {c.halfway:.4f} | {c.last:.4f} | {100 * c.late_change:+.1f} % |"
         )
     lines += [
@@ -174,7 +174,7 @@ def diagnostics_markdown(curves: Sequence[LossCurve], validations: Sequence[Vali
     ]
     for v in validations:
         lines.append(
-            f"| {table.init_label(v.init)} | {v.labelled_set.removeprefix('tr')} | "
+            f"| {methods.label(v.init)} | {v.labelled_set.removeprefix('tr')} | "
             f"{v.num_cells} | {v.best_dice:.3f} | {v.best_step:.0f} of {v.steps} | "
             f"{v.best_late}/{v.num_cells} | {v.last_dice:.3f} | {v.last_loss:.4f} |"
         )

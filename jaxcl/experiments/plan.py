@@ -30,14 +30,11 @@ from collections.abc import Iterable, Mapping
 
 import ml_collections
 
-from jaxcl import files
+from jaxcl import files, methods
 from jaxcl.data.splits import Splits
 
-# Sweep name of a global pre-training -> config.pretrain_global.strategy.
-GLOBAL_STRATEGIES: Mapping[str, str] = types.MappingProxyType(
-    {"GR": "GR", "GD-": "GD-", "GD": "GD", "BYOL": "byol", "BYOL-D": "byol-GD"}
-)
-LOCAL_STRATEGIES = ("LR", "LD")
+GLOBAL_METHODS = methods.names(methods.GLOBAL_STAGE)
+LOCAL_METHODS = methods.names(methods.LOCAL_STAGE)
 # The global pre-trainings the paper puts a local pre-training on top of.
 GLOBALS_WITH_LOCAL = ("GR", "GD")
 ALL = "all"
@@ -68,9 +65,9 @@ class Initialisation:
 
 def _initialisations() -> dict[str, Initialisation]:
     inits = {"random": Initialisation("random")}
-    inits.update({name: Initialisation(name, name) for name in GLOBAL_STRATEGIES})
+    inits.update({name: Initialisation(name, name) for name in GLOBAL_METHODS})
     for global_name in GLOBALS_WITH_LOCAL:
-        for local_name in LOCAL_STRATEGIES:
+        for local_name in LOCAL_METHODS:
             name = f"{global_name}+{local_name}"
             inits[name] = Initialisation(name, global_name, local_name)
     return inits
@@ -203,11 +200,11 @@ def pretrainings(inits: tuple[str, ...]) -> tuple[Pretraining, ...]:
     needed = [INITIALISATIONS[name] for name in inits]
     global_names = {init.global_name for init in needed if init.global_name}
     local_pairs = {(init.global_name, init.local_name) for init in needed if init.local_name}
-    global_runs = [Pretraining(name) for name in GLOBAL_STRATEGIES if name in global_names]
+    global_runs = [Pretraining(name) for name in GLOBAL_METHODS if name in global_names]
     local_runs = [
         Pretraining(global_name, local_name)
         for global_name in GLOBALS_WITH_LOCAL
-        for local_name in LOCAL_STRATEGIES
+        for local_name in LOCAL_METHODS
         if (global_name, local_name) in local_pairs
     ]
     return tuple(global_runs + local_runs)
@@ -251,7 +248,7 @@ def pretraining_config(
     derived = config.copy_and_resolve_references()
     derived.stages = (pretraining.stage,)
     if pretraining.local_name is None:
-        derived.pretrain_global.strategy = GLOBAL_STRATEGIES[pretraining.global_name]
+        derived.pretrain_global.strategy = pretraining.global_name
     else:
         derived.pretrain_local.strategy = pretraining.local_name
         derived.pretrain_local.encoder_from = export_dir(

@@ -13,6 +13,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from jaxcl import methods
 from jaxcl.experiments import plan, table
 
 # Horizontal spread (in log2 units of |X_tr|) between the lines, so error bars stay apart.
@@ -61,7 +62,7 @@ def dice_figure(
             x,
             [e.mean for _, e in points],
             yerr=[e.std for _, e in points],
-            label=table.init_label(init, math=True),
+            label=methods.label(init, math=True),
             # One colour per initialisation in every sweep's plot.
             color="black" if init == "random" else palette(all_inits.index(init) % 10),
             linestyle="--" if init == "random" else "-",

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from jaxcl import methods
 from jaxcl.experiments import plan
 
 # The paper's mean test Dice (Chaitanya et al. 2020, Table 1) for |X_tr| = 1, 2, 8, as quoted in
@@ -36,16 +37,8 @@ PAPER_DICE: Mapping[str, Mapping[str, tuple[float, float, float]]] = {
 }
 PAPER_LABELLED_SETS = ("tr1", "tr2", "tr8")
 
+
 # Pre-training names -> (letter, superscript) of the paper's notation.
-_NOTATION = {
-    "GR": ("G", "R"),
-    "GD-": ("G", "D-"),
-    "GD": ("G", "D"),
-    "LR": ("L", "R"),
-    "LD": ("L", "D"),
-}
-
-
 @dataclasses.dataclass(frozen=True)
 class CellResult:
     """A finished cell's test Dice (from its evaluate/results.json).
@@ -72,24 +65,6 @@ class Entry:
     mean: float
     std: float
     num_subsets: int
-
-
-def init_label(name: str, *, math: bool = False) -> str:
-    """The paper's notation of an initialisation: "GD+LR" -> "G^D + L^R" (math: "$G^{D}$ + ...")."""
-    parts = []
-    for part in name.split("+"):
-        if part not in _NOTATION:
-            parts.append(part)
-        elif math:
-            parts.append("${}^{{{}}}$".format(*_NOTATION[part]))
-        else:
-            letter, superscript = _NOTATION[part]
-            parts.append(
-                f"{letter}^{superscript}"
-                if len(superscript) == 1
-                else f"{letter}^{{{superscript}}}"
-            )
-    return " + ".join(parts)
 
 
 def _sort_key(result: CellResult) -> tuple:
@@ -190,7 +165,7 @@ def dice_table(results: Sequence[CellResult], dataset: str) -> str:
         s: max(e.num_subsets for (_, column), e in entries.items() if column == s) for s in sets
     }
     for init in inits:
-        row = [init_label(init)]
+        row = [methods.label(init)]
         for s in sets:
             entry = entries.get((init, s))
             is_best = entry is not None and round(entry.mean, 3) == best[s]

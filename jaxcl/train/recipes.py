@@ -1,7 +1,8 @@
 """Batch recipes: which host batches each pre-training strategy needs (docs/METHOD.md §7).
 
 A recipe names the pipeline's batch kind and its global size. Config keys left at None take the
-paper's value for the strategy (`PAPER_BATCHES`), so choosing a strategy also chooses its batch.
+paper's value for the method (`jaxcl.methods.Method.batch`), so choosing a strategy also chooses
+its batch.
 """
 
 from __future__ import annotations
@@ -11,10 +12,6 @@ import dataclasses
 import ml_collections
 
 from jaxcl.data import pipeline
-
-GLOBAL_STRATEGIES = ("GR", "GD-", "GD", "byol", "byol-GD")
-LOCAL_STRATEGIES = ("LR", "LD")
-BYOL_STRATEGIES = ("byol", "byol-GD")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,39 +33,37 @@ class BatchRecipe:
         per_unit = 1 if self.kind == "random" else n_partitions
         return self.num_units * per_unit * self.num_views
 
-    def views_per_group(self, strategy: str, num_devices: int) -> int:
-        """Views sharing a local-loss group id on one device (L^R: a slice; L^D: a partition)."""
-        if strategy == "LR":
+    def views_per_group(self, num_devices: int) -> int:
+        """Views sharing a local-loss group id on one device: a slice's views in a random batch
+        (L^R), a partition's views across the device's volumes in a structured one (L^D)."""
+        if self.kind == "random":
             return self.num_views
         return self.num_units // num_devices * self.num_views
 
 
-# strategy -> (kind, units, views), docs/METHOD.md §7: G^R 24 x 2, G^{D-} 3 volumes x 3,
-# G^D 6 x 2, L^R 10 x 2, L^D 3 volumes x 2, BYOL as G^R, BYOL-D 3 pairs of volumes.
-PAPER_BATCHES = {
-    "GR": ("random", 24, 2),
-    "GD-": ("structured", 3, 3),
-    "GD": ("structured", 6, 2),
-    "byol": ("random", 24, 2),
-    "byol-GD": ("paired", 3, 2),
-    "LR": ("random", 10, 2),
-    "LD": ("structured", 3, 2),
-}
-
-
 def batch_recipe(
-    stage: ml_collections.ConfigDict, stage_name: str, pool_volumes: int | None = None
+    stage: ml_collections.ConfigDict,
+    stage_name: str,
+    paper_batch: tuple[str, int, int],
+    *,
+    views: int | None = None,
+    pool_volumes: int | None = None,
 ) -> BatchRecipe:
-    """The recipe of `stage.strategy` with the config's `num_slices`/`num_volumes`/`num_views`.
+    """A stage's batch: the method's paper batch with the config's sizes where they are set.
 
-    `num_slices` sizes random batches, `num_volumes` structured ones and (halved) BYOL-D pairs.
-    `num_volumes` None is the paper's value, capped at `pool_volumes` (the pre-training pool, when
-    given) for a small dataset of one's own: a batch cannot hold more volumes than there are.
+    Args:
+      stage: the stage's config section: `num_slices` sizes random batches, `num_volumes`
+        structured ones and (halved) paired ones, `num_views` the views per slice.
+      stage_name: "pretrain_global" or "pretrain_local", named in errors.
+      paper_batch: (kind, units, views) of the method (`jaxcl.methods.Method.batch`).
+      views: views the method needs whatever the config says (BYOL: 2), or None.
+      pool_volumes: the pre-training pool; `num_volumes` None is the paper's value capped at it
+        (a batch cannot hold more volumes than there are, e.g. in a small dataset of one's own).
+
+    Raises:
+      ValueError naming the config key.
     """
-    valid = GLOBAL_STRATEGIES if stage_name == "pretrain_global" else LOCAL_STRATEGIES
-    if stage.strategy not in valid:
-        raise ValueError(f"config.{stage_name}.strategy={stage.strategy!r} is not one of {valid}.")
-    kind, units, views = PAPER_BATCHES[stage.strategy]
+    kind, units, paper_views = paper_batch
     if kind != "random" and stage.num_volumes is None and pool_volumes:
         units = max(1, min(units, pool_volumes // (2 if kind == "paired" else 1)))
     if kind == "random":
@@ -78,17 +73,16 @@ def batch_recipe(
     elif stage.num_volumes:
         if stage.num_volumes % 2:
             raise ValueError(
-                f"config.{stage_name}.num_volumes={stage.num_volumes}: BYOL-D pairs volumes, "
-                "so it must be even."
+                f"config.{stage_name}.num_volumes={stage.num_volumes}: {stage.strategy} pairs "
+                "volumes, so it must be even."
             )
         units = stage.num_volumes // 2
-    if kind != "paired":
-        views = stage.num_views or views
-    elif stage.num_views not in (None, 2):
-        raise ValueError(f"config.{stage_name}.num_views must be 2 for BYOL-D pairs.")
-    if stage.strategy in BYOL_STRATEGIES and views != 2:
-        raise ValueError(f"config.{stage_name}.num_views must be 2 for BYOL (view pairs).")
-    return BatchRecipe(kind=kind, num_units=units, num_views=views)
+    num_views = stage.num_views or paper_views
+    if views is not None and num_views != views:
+        raise ValueError(
+            f"config.{stage_name}.num_views must be {views} for {stage.strategy} (view pairs)."
+        )
+    return BatchRecipe(kind=kind, num_units=units, num_views=num_views)
 
 
 def make_batches(

@@ -27,8 +27,7 @@ Batches follow the layouts of `jaxcl.data.pipeline` (per device): `image (B, H, 
 from __future__ import annotations
 
 import functools
-import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -46,8 +45,6 @@ PyTree = Any
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
-# G^{D-} and G^D keep view 0 as the un-augmented slice (docs/METHOD.md §4); G^R augments every view.
-_KEEPS_ORIGINAL_VIEW = types.MappingProxyType({"GR": False, "GD-": True, "GD": True})
 _FROZEN, _TRAINED = "frozen", "trained"
 _DEFAULT_AUGMENT = augment.AugmentConfig()  # frozen dataclass: docs/METHOD.md §8 values
 
@@ -67,7 +64,7 @@ def example_keys(rng: jax.Array, per_device_batch: int) -> jax.Array:
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, indices)
 
 
-def _views(
+def augmented_views(
     view_fn: Callable[[jax.Array, jax.Array], jax.Array],
     rng: jax.Array,
     images: jax.Array,
@@ -83,17 +80,12 @@ def _views(
     return jnp.where(augment_mask[:, None, None, None], views, images.astype(views.dtype))
 
 
-def _global_augment_mask(
-    strategy: str, view_ids: jax.Array, augmented_views: Sequence[int] | None
-) -> jax.Array | None:
-    if strategy not in _KEEPS_ORIGINAL_VIEW:
-        raise ValueError(
-            f"Unknown global strategy {strategy!r}; valid strategies are "
-            f"{sorted(_KEEPS_ORIGINAL_VIEW)} (config.pretrain_global.strategy)."
-        )
-    if augmented_views is not None:
-        return jnp.isin(view_ids, jnp.asarray(tuple(augmented_views)))
-    return view_ids != 0 if _KEEPS_ORIGINAL_VIEW[strategy] else None
+def global_augment_mask(view_ids: jax.Array, keep_original_view: bool) -> jax.Array | None:
+    """(B,) True for the views a global strategy augments: all (None), or all but view 0.
+
+    G^{D-} and G^D keep view 0 of every slice un-augmented (docs/METHOD.md §4), G^R does not.
+    """
+    return view_ids != 0 if keep_original_view else None
 
 
 def _train_apply(model: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array):
@@ -120,7 +112,7 @@ def pretrain_global_step(
     model: nn.Module,
     strategy: str,
     temperature: float,
-    augmented_views: Sequence[int] | None = None,
+    keep_original_view: bool = False,
     augment_config: augment.AugmentConfig = _DEFAULT_AUGMENT,
 ) -> tuple[TrainState, Metrics]:
     """One G^R / G^{D-} / G^D update of encoder + g1 (`GlobalContrastiveModel`).
@@ -133,14 +125,13 @@ def pretrain_global_step(
       model: the global contrastive model (axis_name="batch" for cross-replica BatchNorm).
       strategy: "GR", "GD-" or "GD".
       temperature: τ of the contrastive kernel.
-      augmented_views: view ids that get a global augmentation; the others stay the original
-        slice. None: every view for G^R, every view but view 0 for G^{D-} / G^D
-        (docs/METHOD.md §4).
+      keep_original_view: view 0 of every slice stays the un-augmented slice (G^{D-}, G^D;
+        `global_augment_mask`).
       augment_config: augmentation parameters.
     """
-    mask = _global_augment_mask(strategy, batch["view_id"], augmented_views)
+    mask = global_augment_mask(batch["view_id"], keep_original_view)
     view_fn = functools.partial(augment.global_view, config=augment_config)
-    views = _views(view_fn, rng, batch["image"], mask)
+    views = augmented_views(view_fn, rng, batch["image"], mask)
 
     def loss_fn(params):
         embeddings, batch_stats = _train_apply(model, params, state.batch_stats, views)
@@ -197,7 +188,7 @@ def byol_step(
             f"{images.shape[0]} images; build it with num_views=2 or paired_volume_batches."
         )
     view_fn = functools.partial(augment.global_view, config=augment_config)
-    views = _views(view_fn, rng, images)
+    views = augmented_views(view_fn, rng, images)
 
     def pairs(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         x = x.reshape(-1, 2, x.shape[-1])
@@ -262,7 +253,7 @@ def pretrain_local_step(
       augment_config: augmentation parameters.
     """
     view_fn = functools.partial(augment.local_view, config=augment_config)
-    views = _views(view_fn, rng, batch["image"])
+    views = augmented_views(view_fn, rng, batch["image"])
 
     def loss_fn(params):
         regions, batch_stats = _train_apply(model, params, state.batch_stats, views)

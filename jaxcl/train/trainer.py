@@ -1,6 +1,7 @@
 """The stages of the protocol (docs/METHOD.md §9), each `run(config, workdir, data) -> summary`.
 
-A stage builds its model, state, batches and step from the config, runs `loop.train_loop` in
+A stage builds its model, state, batches and step from the config (pre-training stages through
+the builder of their method's registry entry, `jaxcl.methods`), runs `loop.train_loop` in
 `WORKDIR/<stage>/` and exports its final variables to `WORKDIR/<stage>/export/`, which later
 stages load by parameter path (`transfer.transfer_params`). Which stage a later one loads from is
 `config.<stage>.encoder_from` / `decoder_from`: None means "this workdir's stage, if it is part
@@ -22,49 +23,23 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from jaxcl import augment, config_validation, evaluate, figures, files, model_card
+from jaxcl import config_validation, evaluate, figures, files, methods, model_card
 from jaxcl.data import pipeline
 from jaxcl.data.context import DataContext
 from jaxcl.data.sources import DataError
 from jaxcl.experiments import records
-from jaxcl.losses import local
-from jaxcl.models import stages as stage_models
+from jaxcl.methods import parts
 from jaxcl.models.unet import UNet
 from jaxcl.train import checkpoint, distributed, loop, recipes, steps, transfer
-from jaxcl.train.parallel import AXIS_NAME, DataParallel
+from jaxcl.train.parallel import DataParallel
 from jaxcl.train.state import TrainState
 
 PyTree = Any
 DONE_FILE = "DONE.json"
-
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def _model_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    if config.model.dtype not in _DTYPES:
-        raise ValueError(
-            f"config.model.dtype={config.model.dtype!r} is not one of {list(_DTYPES)}."
-        )
-    return {
-        "filters": tuple(config.model.filters),
-        "dtype": _DTYPES[config.model.dtype],
-        "axis_name": AXIS_NAME if config.model.cross_replica_bn else None,
-    }
-
-
-def _augment_config(config: ml_collections.ConfigDict) -> augment.AugmentConfig:
-    return augment.AugmentConfig(**config.augment.to_dict())
-
-
-def _example_input(config: ml_collections.ConfigDict) -> jax.Array:
-    size = config.data.image_size
-    return jnp.zeros((1, size, size, 1), jnp.float32)
 
 
 def _keys(config: ml_collections.ConfigDict, stage: str) -> tuple[jax.Array, jax.Array]:
@@ -106,8 +81,8 @@ def _load_into(state: TrainState, export: str | None, paths, stage: str) -> Trai
 def _pretraining_batches(config, data: DataContext, stage: str, parallel: DataParallel):
     """(recipe, step-indexed batches) of a pre-training stage over the unlabelled pool."""
     pool_ids = data.splits.get("pretrain")
-    recipe = recipes.batch_recipe(config[stage], stage, len(pool_ids))
-    paper = recipes.batch_recipe(config[stage], stage)
+    recipe = methods.batch_recipe(config[stage], stage, len(pool_ids))
+    paper = methods.batch_recipe(config[stage], stage)
     if recipe != paper:
         logging.info(
             "%s: %d volumes per batch instead of the paper's %d: the pre-training pool holds %d.",
@@ -170,97 +145,37 @@ def _export(workdir: str, stage: str, state: TrainState) -> None:
 # Stages.
 
 
-def pretrain_global(config, workdir: str, data: DataContext) -> dict[str, Any]:
-    """Stage 1: encoder + g1 (G^R / G^{D-} / G^D) or BYOL on the unlabelled pool."""
-    stage, cfg = "pretrain_global", config.pretrain_global
+def _pretrain(config, workdir: str, data: DataContext, stage: str) -> dict[str, Any]:
+    """A pre-training stage: the method of `config[stage].strategy`, built, then run.
+
+    Stage 1 (pretrain_global) trains the encoder (+ g1 or the BYOL networks); stage 2
+    (pretrain_local) the first decoder blocks (+ g2) on top of stage 1's frozen encoder.
+    """
+    section = config[stage]
     parallel = DataParallel(config.parallel.mode)
     recipe, batches = _pretraining_batches(config, data, stage, parallel)
     init_key, _ = _keys(config, stage)
-    options = _model_options(config)
-    sizes = {
-        "hidden_features": config.model.global_hidden_features,
-        "features": config.model.embedding_features,
-    }
-    tx = optax.adam(cfg.learning_rate)
-    byol = cfg.strategy in recipes.BYOL_STRATEGIES
-    if byol:
-        online = stage_models.ByolNetwork(predict=True, **sizes, **options)
-        target = stage_models.ByolNetwork(predict=False, **sizes, **options)
-        state = steps.create_byol_state(online, target, init_key, _example_input(config), tx)
-        step = functools.partial(
-            steps.byol_step,
-            online_model=online,
-            target_model=target,
-            total_steps=cfg.steps,
-            tau_base=cfg.tau_base,
-            augment_config=_augment_config(config),
-        )
-    else:
-        model = stage_models.GlobalContrastiveModel(**sizes, **options)
-        state = steps.create_train_state(model, init_key, _example_input(config), tx)
-        step = functools.partial(
-            steps.pretrain_global_step,
-            model=model,
-            strategy=cfg.strategy,
-            temperature=cfg.temperature,
-            augment_config=_augment_config(config),
-        )
+    parts = methods.build(
+        config, stage, recipe=recipe, num_devices=parallel.num_devices, key=init_key
+    )
+    summary = {"strategy": section.strategy}
+    state = parts.state
+    if parts.loads:
+        export = _source_export(config, workdir, section.get("encoder_from"), "pretrain_global")
+        state = _load_into(state, export, list(parts.loads), stage)
+        summary["encoder_from"] = export or "random"
     result = _train(
         config,
         workdir,
         stage,
         parallel=parallel,
         state=state,
-        step=step,
+        step=parts.step,
         batches=batches,
         images_per_step=recipe.images_per_step(config.data.n_partitions),
     )
-    _export(workdir, stage, result.state.online if byol else result.state)
-    return {"strategy": cfg.strategy, **result.metrics}
-
-
-def pretrain_local(config, workdir: str, data: DataContext) -> dict[str, Any]:
-    """Stage 2: decoder blocks 1..l + g2 with L^R / L^D, encoder loaded and frozen."""
-    stage, cfg = "pretrain_local", config.pretrain_local
-    parallel = DataParallel(config.parallel.mode)
-    recipe, batches = _pretraining_batches(config, data, stage, parallel)
-    blocks = config.model.num_decoder_blocks
-    feature_size = config.data.image_size // 2 ** (5 - blocks)
-    positions = local.region_positions(feature_size, kind=cfg.positions, grid_size=cfg.grid_size)
-    model = stage_models.LocalContrastiveModel(
-        positions=tuple(tuple(int(v) for v in p) for p in positions),
-        num_decoder_blocks=blocks,
-        features=config.model.embedding_features,
-        freeze_encoder=True,
-        **_model_options(config),
-    )
-    init_key, _ = _keys(config, stage)
-    tx = steps.frozen_encoder_tx(optax.adam(cfg.learning_rate))
-    state = steps.create_train_state(model, init_key, _example_input(config), tx)
-    export = _source_export(config, workdir, cfg.get("encoder_from"), "pretrain_global")
-    state = _load_into(state, export, [("encoder",)], stage)
-    step = functools.partial(
-        steps.pretrain_local_step,
-        model=model,
-        strategy=cfg.strategy,
-        temperature=cfg.temperature,
-        negatives=cfg.negatives,
-        num_anchors=local.PAPER_NUM_ANCHORS if cfg.positions == "paper" else None,
-        views_per_group=recipe.views_per_group(cfg.strategy, parallel.num_devices),
-        augment_config=_augment_config(config),
-    )
-    result = _train(
-        config,
-        workdir,
-        stage,
-        parallel=parallel,
-        state=state,
-        step=step,
-        batches=batches,
-        images_per_step=recipe.images_per_step(config.data.n_partitions),
-    )
-    _export(workdir, stage, result.state)
-    return {"strategy": cfg.strategy, "encoder_from": export or "random", **result.metrics}
+    _export(workdir, stage, parts.export(result.state))
+    return {**summary, **result.metrics}
 
 
 @dataclasses.dataclass
@@ -286,7 +201,7 @@ class _Validator:
 
 
 def _unet(config, data: DataContext) -> UNet:
-    return UNet(num_classes=data.layout.num_classes, **_model_options(config))
+    return UNet(num_classes=data.layout.num_classes, **parts.model_options(config))
 
 
 def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
@@ -310,7 +225,7 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
     model = _unet(config, data)
     init_key, _ = _keys(config, stage)
     state = steps.create_train_state(
-        model, init_key, _example_input(config), optax.adam(cfg.learning_rate)
+        model, init_key, parts.example_input(config), optax.adam(cfg.learning_rate)
     )
     encoder_from = _source_export(config, workdir, cfg.get("encoder_from"), "pretrain_global")
     decoder_from = _source_export(config, workdir, cfg.get("decoder_from"), "pretrain_local")
@@ -321,7 +236,7 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
         steps.finetune_step,
         model=model,
         num_classes=data.layout.num_classes,
-        augment_config=_augment_config(config),
+        augment_config=parts.augment_config(config),
     )
     predict = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
     validator = _Validator(
@@ -419,7 +334,7 @@ def run_evaluation(config, workdir: str, data: DataContext) -> dict[str, Any]:
     model = UNet(
         num_classes=card.num_classes,
         filters=card.filters,
-        dtype=_DTYPES[card.dtype],
+        dtype=parts.DTYPES[card.dtype],
         axis_name=None,
     )
     variables = checkpoint.load_variables(export)
@@ -454,8 +369,8 @@ def run_evaluation(config, workdir: str, data: DataContext) -> dict[str, Any]:
 
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, str, DataContext], dict]] = {
-    "pretrain_global": pretrain_global,
-    "pretrain_local": pretrain_local,
+    "pretrain_global": functools.partial(_pretrain, stage="pretrain_global"),
+    "pretrain_local": functools.partial(_pretrain, stage="pretrain_local"),
     "finetune": finetune,
     "evaluate": run_evaluation,
 }

@@ -116,7 +116,7 @@ def test_local_counts_match_spec_enumeration(strategy, num_devices):
 
 def test_contrast_counts_rejects_byol():
     with pytest.raises(ValueError, match="no negatives"):
-        scaling.contrast_counts("byol", 1)
+        scaling.contrast_counts("BYOL", 1)
 
 
 def test_fit_buffers_recovers_the_coefficients():

@@ -99,7 +99,7 @@ def test_derived_configs_share_the_pretrainings():
     byol = runs["pre-training BYOL-D"]
     assert byol.workdir == "/w/pretrain/BYOL-D"
     assert byol.config.stages == ("pretrain_global",)
-    assert byol.config.pretrain_global.strategy == "byol-GD"
+    assert byol.config.pretrain_global.strategy == "BYOL-D"
     assert byol.config.seed == 11  # pre-trainings use the base seed
 
     local = runs["pre-training GR+LD"]

@@ -129,17 +129,3 @@ def test_csv_refuses_mixed_class_names():
     other = table.CellResult(plan.Cell("GD", "tr1", "c3", 0), {"prostate": 0.5}, 0.5, 0.0)
     with pytest.raises(ValueError, match="results of two datasets mixed"):
         table.csv_text([RESULTS[1], other])
-
-
-@pytest.mark.parametrize(
-    "name, text, math",
-    [
-        ("random", "random", "random"),
-        ("GD-", "G^{D-}", "$G^{D-}$"),
-        ("BYOL-D", "BYOL-D", "BYOL-D"),
-        ("GR+LD", "G^R + L^D", "$G^{R}$ + $L^{D}$"),
-    ],
-)
-def test_init_labels_use_the_papers_notation(name, text, math):
-    assert table.init_label(name) == text
-    assert table.init_label(name, math=True) == math

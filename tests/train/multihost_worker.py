@@ -94,6 +94,7 @@ def _stage(stage: str):
             model=model,
             strategy="GD",
             temperature=0.1,
+            keep_original_view=True,
             augment_config=AugmentConfig(),
         )
         batches = functools.partial(pipeline.structured_batches, num_volumes=8, num_views=2)

@@ -296,7 +296,11 @@ def _step(stage: str, dtype):
     models = _models(stage, dtype)
     if stage in ("GR", "GD-", "GD"):
         return functools.partial(
-            steps.pretrain_global_step, strategy=stage, temperature=STEP_TEMPERATURE, **models
+            steps.pretrain_global_step,
+            strategy=stage,
+            temperature=STEP_TEMPERATURE,
+            keep_original_view=stage != "GR",
+            **models,
         )
     if stage in ("BYOL", "BYOL-D"):
         return functools.partial(steps.byol_step, total_steps=10, tau_base=0.9, **models)

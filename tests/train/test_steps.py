@@ -141,6 +141,7 @@ def _stage(stage: str, num_devices: int):
             model=model,
             strategy=stage,
             temperature=0.1,
+            keep_original_view=stage != "GR",
             augment_config=AUGMENT,
         )
     elif stage in ("BYOL", "BYOL-D"):
@@ -371,29 +372,19 @@ def test_predict_logits_is_inference_mode_and_split_independent():
     np.testing.assert_allclose(logits.reshape(expected.shape), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_global_strategy_is_rejected():
-    with pytest.raises(ValueError, match="pretrain_global.strategy"):
-        steps._global_augment_mask("GX", jnp.zeros(4, jnp.int32), None)
-
-
-def test_global_views_keep_view_zero_for_gd_strategies():
+def test_gd_strategies_keep_view_zero_un_augmented():
     view_ids = jnp.array([0, 1, 2, 0, 1, 2])
-    np.testing.assert_array_equal(
-        steps._global_augment_mask("GD-", view_ids, None), [0, 1, 1, 0, 1, 1]
-    )
-    assert steps._global_augment_mask("GR", view_ids, None) is None
-    np.testing.assert_array_equal(
-        steps._global_augment_mask("GD", view_ids, (2,)), [0, 0, 1, 0, 0, 1]
-    )
+    np.testing.assert_array_equal(steps.global_augment_mask(view_ids, True), [0, 1, 1, 0, 1, 1])
+    assert steps.global_augment_mask(view_ids, False) is None  # G^R: every view
 
 
 @pytest.mark.parametrize("view_fn", [global_view, local_view], ids=["global", "local"])
 def test_views_outside_the_augmented_views_are_the_input(view_fn):
     images = jax.random.uniform(jax.random.key(13), (6, SIZE, SIZE, 1), minval=0.1, maxval=1.4)
-    mask = steps._global_augment_mask("GD", jnp.array([0, 1, 2, 0, 1, 2]), (1, 2))
+    mask = steps.global_augment_mask(jnp.array([0, 1, 2, 0, 1, 2]), keep_original_view=True)
 
     def views(images):  # one device of the "batch" axis, for `example_keys`
-        return steps._views(view_fn, jax.random.key(14), images, mask)
+        return steps.augmented_views(view_fn, jax.random.key(14), images, mask)
 
     out = np.asarray(jax.vmap(views, axis_name=AXIS_NAME)(images[None])[0])
     np.testing.assert_array_equal(out[[0, 3]], np.asarray(images)[[0, 3]])
