@@ -88,7 +88,7 @@ def global_augment_mask(view_ids: jax.Array, keep_original_view: bool) -> jax.Ar
     return view_ids != 0 if keep_original_view else None
 
 
-def _train_apply(model: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array):
+def train_apply(model: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.Array):
     """Train-mode forward pass: (outputs, new batch_stats)."""
     outputs, updates = model.apply(
         {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
@@ -134,7 +134,7 @@ def pretrain_global_step(
     views = augmented_views(view_fn, rng, batch["image"], mask)
 
     def loss_fn(params):
-        embeddings, batch_stats = _train_apply(model, params, state.batch_stats, views)
+        embeddings, batch_stats = train_apply(model, params, state.batch_stats, views)
         loss = contrastive.global_loss(
             embeddings,
             batch["sample_id"],
@@ -194,13 +194,13 @@ def byol_step(
         x = x.reshape(-1, 2, x.shape[-1])
         return x[:, 0], x[:, 1]
 
-    target_projections, target_batch_stats = _train_apply(
+    target_projections, target_batch_stats = train_apply(
         target_model, state.target_params, state.target_batch_stats, views
     )
     target_1, target_2 = pairs(target_projections)
 
     def loss_fn(params):
-        predictions, batch_stats = _train_apply(
+        predictions, batch_stats = train_apply(
             online_model, params, state.online.batch_stats, views
         )
         prediction_1, prediction_2 = pairs(predictions)
@@ -256,7 +256,7 @@ def pretrain_local_step(
     views = augmented_views(view_fn, rng, batch["image"])
 
     def loss_fn(params):
-        regions, batch_stats = _train_apply(model, params, state.batch_stats, views)
+        regions, batch_stats = train_apply(model, params, state.batch_stats, views)
         loss = local.local_loss(
             regions,
             batch["sample_id"],
@@ -302,7 +302,7 @@ def finetune_step(
     images, labels = jax.vmap(pair_fn)(keys, batch["image"], batch["label"])
 
     def loss_fn(params):
-        logits, batch_stats = _train_apply(model, params, state.batch_stats, images)
+        logits, batch_stats = train_apply(model, params, state.batch_stats, images)
         loss = segmentation.soft_dice_loss(logits, labels, num_classes=num_classes)
         return loss, batch_stats
 
