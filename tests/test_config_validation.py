@@ -122,7 +122,7 @@ BAD_VALUES = [
     (
         "pretrain_global.strategy",
         "XX",
-        ["config.pretrain_global.strategy='XX'", "('GR', 'GD-', 'GD', 'BYOL', 'BYOL-D')"],
+        ["config.pretrain_global.strategy='XX'", "('GR', 'GD-', 'GD', 'BYOL', 'BYOL-D'"],
     ),
     ("pretrain_local.strategy", "LX", ["config.pretrain_local.strategy='LX'", "('LR', 'LD')"]),
     ("data.image_size", 100, ["config.data.image_size=100", "multiple of 32", "96 or 128"]),

@@ -12,7 +12,8 @@ from jaxcl.train.parallel import DataParallel
 
 
 def test_names_per_stage_in_the_papers_order():
-    assert methods.names(methods.GLOBAL_STAGE) == ("GR", "GD-", "GD", "BYOL", "BYOL-D")
+    paper = ("GR", "GD-", "GD", "BYOL", "BYOL-D")
+    assert methods.names(methods.GLOBAL_STAGE)[: len(paper)] == paper
     assert methods.names(methods.LOCAL_STAGE) == ("LR", "LD")
     with pytest.raises(ValueError, match=r"strategy='LR' is not one of \('GR'"):
         methods.get("LR", methods.GLOBAL_STAGE)

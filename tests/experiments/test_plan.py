@@ -139,8 +139,8 @@ def test_n_labelled():
         (
             "inits",
             "random,GD+XX",
-            "config.sweep.inits has unknown names ['GD+XX']; valid: random,GR,GD-,GD,BYOL,"
-            "BYOL-D,GR+LR,GR+LD,GD+LR,GD+LD.",
+            "config.sweep.inits has unknown names ['GD+XX']; valid: "
+            + ",".join(plan.INITIALISATIONS),
         ),
         ("inits", "random,,GD", "config.sweep.inits='random,,GD' has an empty item"),
         ("inits", "GD,random,GD", "config.sweep.inits='GD,random,GD' lists ['GD'] more than once."),
