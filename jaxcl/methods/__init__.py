@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 import jax
 import ml_collections
 
-from jaxcl.methods import byol, global_contrastive, local_contrastive
+from jaxcl.methods import byol, global_contrastive, local_contrastive, rotation
 from jaxcl.methods.parts import BuildInputs, StageParts
 from jaxcl.train import recipes
 
@@ -65,6 +65,7 @@ def _local(name, notation, batch, *, same_slice_positives) -> Method:
     return Method(name, notation, LOCAL_STAGE, batch, same_slice_positives, build, settings=_LOCAL)
 
 
+_LR = ("learning_rate",)
 _BYOL = ("learning_rate", "tau_base")
 _LOCAL = ("learning_rate", "temperature", "positions", "grid_size", "negatives")
 
@@ -97,6 +98,10 @@ METHODS: Mapping[str, Method] = types.MappingProxyType(
             ),
             Method("BYOL", None, GLOBAL_STAGE, ("random", 24, 2), False, byol.build, 2, _BYOL),
             Method("BYOL-D", None, GLOBAL_STAGE, ("paired", 3, 2), False, byol.build, 2, _BYOL),
+            # Pretext task: 12 slices x their 4 rotations.
+            Method(
+                "Rotation", None, GLOBAL_STAGE, ("random", 12, 4), False, rotation.build, 4, _LR
+            ),
             _local("LR", ("L", "R"), ("random", 10, 2), same_slice_positives=True),
             _local("LD", ("L", "D"), ("structured", 3, 2), same_slice_positives=False),
         )
