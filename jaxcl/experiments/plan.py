@@ -275,6 +275,8 @@ def cell_config(
         )
     elif init.global_name:
         encoder_from = export_dir(workdir, Pretraining(init.global_name))
+        if methods.METHODS[init.global_name].decoder_paths is not None:
+            decoder_from = encoder_from  # a restoration task pre-trains the whole UNet
     derived.finetune.encoder_from = encoder_from
     derived.finetune.decoder_from = decoder_from
     return derived

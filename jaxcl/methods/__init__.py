@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import types
 from collections.abc import Callable, Mapping
 
 import jax
 import ml_collections
 
-from jaxcl.methods import byol, global_contrastive, local_contrastive, rotation
+from jaxcl import files
+from jaxcl.methods import byol, global_contrastive, local_contrastive, restoration, rotation
 from jaxcl.methods.parts import BuildInputs, StageParts
 from jaxcl.train import recipes
 
 GLOBAL_STAGE = "pretrain_global"
+EXPORT_RECORD = "jaxcl_method.json"
 LOCAL_STAGE = "pretrain_local"
 
 
@@ -41,6 +44,9 @@ class Method:
       num_views: views per slice the method needs whatever the config says (BYOL: pairs), or None.
       settings: the keys of its stage's config section it reads besides the batch and steps
         (checked by `jaxcl.config_validation`).
+      decoder_paths: `decoder_paths(config)`: the parameter paths besides the encoder that a
+        fine-tuning started from this method loads (`config.finetune.decoder_from`), or None
+        when it trains no decoder.
     """
 
     name: str
@@ -51,6 +57,9 @@ class Method:
     build: Callable[[BuildInputs], StageParts] = dataclasses.field(repr=False)
     num_views: int | None = None
     settings: tuple[str, ...] = ("learning_rate", "temperature")
+    decoder_paths: Callable[[ml_collections.ConfigDict], tuple[tuple[str, ...], ...]] | None = (
+        dataclasses.field(default=None, repr=False)
+    )
 
 
 def _global(name, notation, batch, *, keep_original_view, same_slice_positives) -> Method:
@@ -62,7 +71,30 @@ def _global(name, notation, batch, *, keep_original_view, same_slice_positives) 
 
 def _local(name, notation, batch, *, same_slice_positives) -> Method:
     build = functools.partial(local_contrastive.build, strategy=name)
-    return Method(name, notation, LOCAL_STAGE, batch, same_slice_positives, build, settings=_LOCAL)
+    return Method(
+        name,
+        notation,
+        LOCAL_STAGE,
+        batch,
+        same_slice_positives,
+        build,
+        settings=_LOCAL,
+        decoder_paths=local_contrastive.decoder_paths,
+    )
+
+
+def _restoration(name, corrupt) -> Method:
+    build = functools.partial(restoration.build, corrupt=corrupt)
+    return Method(
+        name,
+        None,
+        GLOBAL_STAGE,
+        ("random", 20, 1),
+        False,
+        build,
+        settings=_LR,
+        decoder_paths=restoration.decoder_paths,
+    )
 
 
 _LR = ("learning_rate",)
@@ -98,10 +130,12 @@ METHODS: Mapping[str, Method] = types.MappingProxyType(
             ),
             Method("BYOL", None, GLOBAL_STAGE, ("random", 24, 2), False, byol.build, 2, _BYOL),
             Method("BYOL-D", None, GLOBAL_STAGE, ("paired", 3, 2), False, byol.build, 2, _BYOL),
-            # Pretext task: 12 slices x their 4 rotations.
+            # Pretext tasks: 12 slices x their 4 rotations; 20 corrupted slices.
             Method(
                 "Rotation", None, GLOBAL_STAGE, ("random", 12, 4), False, rotation.build, 4, _LR
             ),
+            _restoration("Inpainting", restoration.inpainting_pair),
+            _restoration("ContextRestoration", restoration.context_pair),
             _local("LR", ("L", "R"), ("random", 10, 2), same_slice_positives=True),
             _local("LD", ("L", "D"), ("structured", 3, 2), same_slice_positives=False),
         )
@@ -142,6 +176,26 @@ def build(
     """The parts of `stage` for `config[stage].strategy` (see `jaxcl.methods.parts`)."""
     method = get(config[stage].strategy, stage)
     return method.build(BuildInputs(config, stage, recipe, num_devices, key))
+
+
+def write_export_record(export_dir: files.PathLike, name: str) -> None:
+    """Records in a pre-training export which method trained it (`exported_method`)."""
+    files.write_atomically(files.path(export_dir) / EXPORT_RECORD, json.dumps({"method": name}))
+
+
+def exported_method(export_dir: files.PathLike) -> Method | None:
+    """The method a pre-training export records, or None for exports written before jaxcl
+    recorded it (all of them local pre-trainings or global ones)."""
+    path = files.path(export_dir) / EXPORT_RECORD
+    if not path.exists():
+        return None
+    name = json.loads(path.read_text(encoding="utf-8"))["method"]
+    if name not in METHODS:
+        raise ValueError(
+            f"{path} names the method {name!r}, which this jaxcl does not have; use the jaxcl "
+            "that trained it or pre-train again."
+        )
+    return METHODS[name]
 
 
 def label(name: str, *, math: bool = False) -> str:

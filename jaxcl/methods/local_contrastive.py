@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import ml_collections
 import optax
 
 from jaxcl import augment
@@ -22,6 +23,12 @@ from jaxcl.train.parallel import AXIS_NAME
 def feature_size(image_size: int, num_decoder_blocks: int) -> int:
     """Side of the map after `num_decoder_blocks` decoder blocks (where regions are taken)."""
     return image_size // 2 ** (unet.NUM_POOLS - num_decoder_blocks)
+
+
+def decoder_paths(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:
+    """What fine-tuning loads besides the encoder: the pre-trained decoder blocks 1..l."""
+    blocks = config.model.num_decoder_blocks
+    return tuple(("decoder", f"block{k}") for k in range(1, blocks + 1))
 
 
 def build(inputs: BuildInputs, *, strategy: str) -> StageParts:

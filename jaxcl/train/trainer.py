@@ -133,12 +133,30 @@ def _train(
     )
 
 
-def _export(workdir: str, stage: str, state: TrainState) -> None:
+def _export(workdir: str, stage: str, state: TrainState, method: str | None = None) -> None:
+    """Writes a stage's final variables (and the pre-training method that trained them)."""
+    export_dir = files.path(workdir) / stage / "export"
     checkpoint.export_variables(
-        files.path(workdir) / stage / "export",
-        {"params": state.params, "batch_stats": state.batch_stats},
+        export_dir, {"params": state.params, "batch_stats": state.batch_stats}
     )
+    if method is not None and distributed.is_main_process():
+        methods.write_export_record(export_dir, method)
     distributed.barrier(f"{stage}: exported")  # later stages read it on every process
+
+
+def _decoder_paths(config, export: str | None) -> list[tuple[str, ...]]:
+    """The decoder paths fine-tuning loads from `export`, as its method's entry says.
+
+    Without an export (random decoder), and for exports written before jaxcl recorded their
+    method (all local pre-trainings), the paths of a local pre-training: decoder blocks 1..l.
+    """
+    method = (methods.exported_method(export) if export else None) or methods.METHODS["LR"]
+    if method.decoder_paths is None:
+        raise DataError(
+            f"config.finetune.decoder_from={export!r} was pre-trained with {method.name}, which "
+            "trains no decoder; use a local pre-training's or a restoration task's export."
+        )
+    return list(method.decoder_paths(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +192,7 @@ def _pretrain(config, workdir: str, data: DataContext, stage: str) -> dict[str, 
         batches=batches,
         images_per_step=recipe.images_per_step(config.data.n_partitions),
     )
-    _export(workdir, stage, parts.export(result.state))
+    _export(workdir, stage, parts.export(result.state), method=section.strategy)
     return {**summary, **result.metrics}
 
 
@@ -230,8 +248,7 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
     encoder_from = _source_export(config, workdir, cfg.get("encoder_from"), "pretrain_global")
     decoder_from = _source_export(config, workdir, cfg.get("decoder_from"), "pretrain_local")
     state = _load_into(state, encoder_from, [("encoder",)], stage)
-    blocks = [("decoder", f"block{k}") for k in range(1, config.model.num_decoder_blocks + 1)]
-    state = _load_into(state, decoder_from, blocks, stage)
+    state = _load_into(state, decoder_from, _decoder_paths(config, decoder_from), stage)
     step = functools.partial(
         steps.finetune_step,
         model=model,

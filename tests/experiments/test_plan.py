@@ -217,3 +217,17 @@ def test_labelled_set_names_sort_by_size():
     ]
     assert plan.is_labelled_set("tr12") and not plan.is_labelled_set("tr0")
     assert not plan.is_labelled_set("val")
+
+
+def test_pretext_tasks_are_initialisations():
+    """Rotation passes on its encoder; a restoration task its whole UNet but the output layer."""
+    config = _config(inits="Rotation,Inpainting,ContextRestoration", labelled_sets="tr1")
+    config.sweep.combinations.tr1 = "c1"
+    runs = {run.description: run for run in _plan(config)}
+    export = "/w/pretrain/{}/pretrain_global/export"
+    rotation = runs["cell Rotation tr1-c1 seed 0"].config.finetune
+    assert (rotation.encoder_from, rotation.decoder_from) == (export.format("Rotation"), "")
+    for name in ("Inpainting", "ContextRestoration"):
+        assert runs[f"pre-training {name}"].config.pretrain_global.strategy == name
+        cell = runs[f"cell {name} tr1-c1 seed 0"].config.finetune
+        assert cell.encoder_from == cell.decoder_from == export.format(name)
