@@ -28,7 +28,6 @@ import optax
 from jaxcl.methods.parts import BuildInputs, StageParts, train_outputs
 from jaxcl.models.unet import UNet
 from jaxcl.train import steps
-from jaxcl.train.parallel import AXIS_NAME
 
 PAPER_SIZE = 192  # the paper's image side: box and patch sides scale with the image
 BOX_SIDE = 100
@@ -118,10 +117,7 @@ def restoration_step(state, batch, rng, *, model, corrupt: Callable):
         restored, batch_stats = steps.train_apply(model, params, state.batch_stats, corrupted)
         return restoration_loss(restored, batch["image"], weights), batch_stats
 
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads, batch_stats = jax.lax.pmean((grads, batch_stats), AXIS_NAME)
-    new_state = state.apply_gradients(grads, batch_stats)
-    return new_state, {"loss": jax.lax.pmean(loss, AXIS_NAME)}
+    return steps.mean_loss_update(state, loss_fn)
 
 
 def decoder_paths(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...], ...]:

@@ -21,7 +21,6 @@ from jaxcl import augment
 from jaxcl.methods.parts import BuildInputs, StageParts, train_outputs
 from jaxcl.models import stages as stage_models
 from jaxcl.train import steps
-from jaxcl.train.parallel import AXIS_NAME
 from jaxcl.train.state import TrainState
 
 NUM_ROTATIONS = 4
@@ -72,10 +71,7 @@ def rotation_step(
         logits, batch_stats = steps.train_apply(model, params, state.batch_stats, views)
         return rotation_loss(logits, quarter_turns), batch_stats
 
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads, batch_stats = jax.lax.pmean((grads, batch_stats), AXIS_NAME)
-    new_state = state.apply_gradients(grads, batch_stats)
-    return new_state, {"loss": jax.lax.pmean(loss, AXIS_NAME)}
+    return steps.mean_loss_update(state, loss_fn)
 
 
 def build(inputs: BuildInputs) -> StageParts:

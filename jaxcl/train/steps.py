@@ -306,6 +306,18 @@ def finetune_step(
         loss = segmentation.soft_dice_loss(logits, labels, num_classes=num_classes)
         return loss, batch_stats
 
+    return mean_loss_update(state, loss_fn)
+
+
+def mean_loss_update(
+    state: TrainState, loss_fn: Callable[[PyTree], tuple[jax.Array, PyTree]]
+) -> tuple[TrainState, Metrics]:
+    """One optimiser step on a loss that is a mean over this device's examples.
+
+    `loss_fn(params) -> (loss, new batch_stats)`. Per-device batches are equal, so the `pmean`
+    of the per-device gradients is the gradient of the mean over the global batch; the reported
+    `loss` is that global mean.
+    """
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = state.apply_gradients(_pmean(grads), _pmean(batch_stats))
     return new_state, {"loss": _pmean(loss)}
