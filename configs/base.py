@@ -88,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.finetune.steps = 10_000
     config.finetune.learning_rate = 1e-3
     config.finetune.batch_size = 20
+    config.finetune.method = "supervised"  # supervised | mixup (jaxcl.methods.FINE_TUNINGS)
+    config.finetune.mixup_alpha = 0.1  # mixup: λ ~ Beta(α, α) per example
     config.finetune.val_every = 50
     config.finetune.encoder_from = ml_collections.config_dict.placeholder(str)  # as above
     config.finetune.decoder_from = ml_collections.config_dict.placeholder(str)

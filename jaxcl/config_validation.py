@@ -307,6 +307,17 @@ def _source_problems(config: ml_collections.ConfigDict, stage: str) -> Iterator[
             )
 
 
+def _fine_tuning_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+    method = config.finetune.method
+    try:
+        fine_tuning = methods.fine_tuning(method)
+    except ValueError as error:
+        yield _entry("finetune.method", method, str(error))
+        return
+    if "mixup_alpha" in fine_tuning.settings:
+        yield from _positive(config, {"mixup_alpha": "the paper uses 0.1"}, "finetune.")
+
+
 def validate(
     config: ml_collections.ConfigDict,
     *,
@@ -346,5 +357,6 @@ def validate(
                 "finetune.batch_size", batch, batch, "slices", num_devices, devices
             )
         problems += _source_problems(config, "finetune")
+        problems += _fine_tuning_problems(config)
     if problems:
         raise ConfigError(problems)

@@ -2,12 +2,15 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import base, synthetic
 from jaxcl import methods
 from jaxcl.data import pipeline
-from jaxcl.train import recipes
+from jaxcl.methods import parts
+from jaxcl.models.unet import UNet
+from jaxcl.train import recipes, steps
 from jaxcl.train.parallel import DataParallel
 
 
@@ -79,3 +82,29 @@ def test_every_method_builds_a_stage_whose_step_runs(name, quick_config):
     assert np.isfinite(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
     exported = parts.export(parallel.get_state(state))
     assert set(exported.params) >= {"encoder"}
+
+
+class _LabelledVolume(_Volume):
+    def __init__(self, index, rng):
+        super().__init__(index, rng)
+        self.label = rng.integers(0, 4, self.image.shape).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", list(methods.FINE_TUNINGS))
+def test_every_fine_tuning_step_runs(name, quick_config):
+    config = quick_config.copy_and_resolve_references()
+    config.finetune.method = name
+    rng = np.random.default_rng(0)
+    pool = pipeline.build_slice_pool(
+        [_LabelledVolume(i, rng) for i in range(2)], num_partitions=4, require_labels=True
+    )
+    parallel = DataParallel("pmap", devices=jax.devices()[:1])
+    model = UNet(num_classes=4, **parts.model_options(config))
+    state = steps.create_train_state(
+        model, jax.random.key(0), parts.example_input(config), optax.adam(1e-3)
+    )
+    step = methods.fine_tuning(name).step(config, model, 4)
+    batches = pipeline.labelled_batches(pool, batch_size=8, seed=0, local_device_count=1)
+    batch = parallel.put_batch(next(iter(batches.iterate(0))))
+    _, metrics = parallel.map_step(step)(parallel.put_state(state), batch, jax.random.key(1))
+    assert np.isfinite(float(np.asarray(metrics["loss"]).reshape(-1)[0]))

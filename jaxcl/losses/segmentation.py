@@ -49,10 +49,35 @@ def soft_dice_loss(
         raise ValueError(
             f"segmentation.soft_dice_loss expects logits (B, H, W, C), got shape {logits.shape}."
         )
-    probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    intersection = jnp.sum(probabilities * one_hot, axis=(1, 2))
-    denominator = jnp.sum(probabilities, axis=(1, 2)) + jnp.sum(one_hot, axis=(1, 2)) + epsilon
+    return soft_target_dice_loss(
+        logits, one_hot, include_background=include_background, epsilon=epsilon
+    )
+
+
+def soft_target_dice_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    *,
+    include_background: bool = True,
+    epsilon: float = SOFT_DICE_EPSILON,
+) -> jax.Array:
+    """`soft_dice_loss` against class probabilities instead of labels (mixup's soft targets).
+
+    Args:
+      logits: (B, H, W, C) unnormalised class scores.
+      targets: (B, H, W, C) target probabilities (one-hot labels give `soft_dice_loss`).
+      include_background, epsilon: as in `soft_dice_loss`.
+    """
+    if logits.shape != targets.shape or logits.ndim != 4:
+        raise ValueError(
+            f"segmentation.soft_target_dice_loss expects logits and targets (B, H, W, C) of one "
+            f"shape, got {logits.shape} and {targets.shape}."
+        )
+    probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    targets = targets.astype(jnp.float32)
+    intersection = jnp.sum(probabilities * targets, axis=(1, 2))
+    denominator = jnp.sum(probabilities, axis=(1, 2)) + jnp.sum(targets, axis=(1, 2)) + epsilon
     dice = 2.0 * intersection / denominator  # (B, C)
     if not include_background:
         dice = dice[:, 1:]

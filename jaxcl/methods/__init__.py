@@ -19,9 +19,17 @@ import jax
 import ml_collections
 
 from jaxcl import files
-from jaxcl.methods import byol, global_contrastive, local_contrastive, restoration, rotation
+from jaxcl.methods import (
+    byol,
+    global_contrastive,
+    local_contrastive,
+    mixup,
+    parts,
+    restoration,
+    rotation,
+)
 from jaxcl.methods.parts import BuildInputs, StageParts
-from jaxcl.train import recipes
+from jaxcl.train import recipes, steps
 
 GLOBAL_STAGE = "pretrain_global"
 EXPORT_RECORD = "jaxcl_method.json"
@@ -176,6 +184,55 @@ def build(
     """The parts of `stage` for `config[stage].strategy` (see `jaxcl.methods.parts`)."""
     method = get(config[stage].strategy, stage)
     return method.build(BuildInputs(config, stage, recipe, num_devices, key))
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuning:
+    """One way of fine-tuning the UNet on the labelled set (`config.finetune.method`).
+
+    Attributes:
+      name: "supervised" (the paper's), "mixup".
+      step: `step(config, model, num_classes)` -> the per-device step, `finetune_step`'s form.
+      settings: the keys of config.finetune it reads besides the batch and steps.
+    """
+
+    name: str
+    step: Callable[..., Callable] = dataclasses.field(repr=False)
+    settings: tuple[str, ...] = ()
+
+
+def _supervised_step(config, model, num_classes):
+    return functools.partial(
+        steps.finetune_step,
+        model=model,
+        num_classes=num_classes,
+        augment_config=parts.augment_config(config),
+    )
+
+
+def _mixup_step(config, model, num_classes):
+    return functools.partial(
+        mixup.mixup_step,
+        model=model,
+        num_classes=num_classes,
+        alpha=config.finetune.mixup_alpha,
+        augment_config=parts.augment_config(config),
+    )
+
+
+FINE_TUNINGS: Mapping[str, FineTuning] = types.MappingProxyType(
+    {
+        "supervised": FineTuning("supervised", _supervised_step),
+        "mixup": FineTuning("mixup", _mixup_step, ("mixup_alpha",)),
+    }
+)
+
+
+def fine_tuning(name: str) -> FineTuning:
+    """The fine-tuning `name`; ValueError naming the valid ones."""
+    if name not in FINE_TUNINGS:
+        raise ValueError(f"config.finetune.method={name!r} is not one of {tuple(FINE_TUNINGS)}.")
+    return FINE_TUNINGS[name]
 
 
 def write_export_record(export_dir: files.PathLike, name: str) -> None:

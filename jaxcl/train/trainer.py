@@ -249,12 +249,7 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
     decoder_from = _source_export(config, workdir, cfg.get("decoder_from"), "pretrain_local")
     state = _load_into(state, encoder_from, [("encoder",)], stage)
     state = _load_into(state, decoder_from, _decoder_paths(config, decoder_from), stage)
-    step = functools.partial(
-        steps.finetune_step,
-        model=model,
-        num_classes=data.layout.num_classes,
-        augment_config=parts.augment_config(config),
-    )
+    step = methods.fine_tuning(cfg.method).step(config, model, data.layout.num_classes)
     predict = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
     validator = _Validator(
         predict,
