@@ -30,16 +30,6 @@ from jaxcl.data import tfds as volumes_tfds
 from jaxcl.train import distributed
 
 SPLITS_FILE = "splits.json"
-_FRAME_DATASETS = ("acdc", "synthetic")
-
-
-def layout_options(data: ml_collections.ConfigDict) -> dict:
-    """The `sources.get_layout` options the data config asks for."""
-    if data.dataset in _FRAME_DATASETS:
-        return {"frame": data.frame}
-    if data.dataset == "folder":
-        return {"channel": data.channel, "unlabelled_roots": unlabelled_roots(data)}
-    return {}
 
 
 def unlabelled_roots(data: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -81,7 +71,13 @@ class DataContext:
                 "config.data.root is empty; set it to your dataset folder (imagesTr/, labelsTr/, "
                 "dataset.json), e.g. --config.data.root=/data/MyTask."
             )
-        self.layout = sources.get_layout(self.dataset, self.root, **layout_options(data))
+        # The layout options: the cardiac phase, or a folder's channel and unlabelled folders.
+        self._frame = data.frame if self.dataset in volumes_tfds.FRAME_DATASETS else None
+        self._unlabelled_roots = unlabelled_roots(data)
+        options = volumes_tfds.layout_options(
+            self.dataset, self._frame, data.channel, self._unlabelled_roots
+        )
+        self.layout = sources.get_layout(self.dataset, self.root, **options)
         self.notes: list[str] = []
         if splits.has_paper_splits(self.dataset):
             self.splits = splits.paper_splits(self.dataset)
@@ -143,9 +139,9 @@ class DataContext:
             data_dir=self.data_dir,
             subject_ids=subject_ids,
             require_labels=require_labels,
-            frame=data.frame if self.dataset in _FRAME_DATASETS else None,
+            frame=self._frame,
             channel=data.channel,
-            unlabelled_roots=unlabelled_roots(data),
+            unlabelled_roots=self._unlabelled_roots,
             **(settings or self.settings()),
         )
         # Process 0 prepares a dataset missing from a shared data_dir once; the others then read

@@ -36,7 +36,7 @@ from jaxcl.data import orientation, preprocess, sources, splits, synthetic
 
 _SPLIT = "volumes"  # every subject; the paper splits are applied by subject id afterwards
 _MANUAL_DATASETS = ("acdc", "prostate", "mmwhs", "folder")
-_FRAME_DATASETS = ("acdc", "synthetic")
+FRAME_DATASETS = ("acdc", "synthetic")
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -96,11 +96,11 @@ def volumes_config(
             f"slice_axis={slice_axis!r} is not 'auto' or one of {orientation.SLICE_AXES}; set "
             "data.slice_axis to one of them."
         )
-    if dataset in _FRAME_DATASETS:
+    if dataset in FRAME_DATASETS:
         frame = frame or "ED"
     elif frame is not None:
         raise sources.DataError(
-            f"frame={frame!r} applies only to {_FRAME_DATASETS}, not {dataset!r}."
+            f"frame={frame!r} applies only to {FRAME_DATASETS}, not {dataset!r}."
         )
     parts = [dataset]
     if dataset == "folder":
@@ -200,7 +200,7 @@ class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, root: str) -> Iterator[tuple[str, dict]]:
         config = self.builder_config
-        options = _layout_options(
+        options = layout_options(
             config.dataset, config.frame, config.channel, config.unlabelled_roots
         )
         layout = sources.get_layout(config.dataset, root, **options)
@@ -248,10 +248,10 @@ def ensure_synthetic(root: str, *, num_subjects: int, seed: int) -> str:
     return root
 
 
-def _layout_options(
+def layout_options(
     dataset: str, frame: str | None, channel: int, unlabelled_roots: tuple[str, ...]
 ) -> dict:
-    """`sources.get_layout` options of a variant."""
+    """`sources.get_layout` options of a dataset variant (frame: acdc / synthetic only)."""
     if dataset == "folder":
         return {"channel": channel, "unlabelled_roots": unlabelled_roots}
     return {} if frame is None else {"frame": frame}
@@ -313,7 +313,7 @@ def load_volumes(
             num_subjects=num_subjects,
             seed=seed,
         )
-    options = _layout_options(dataset, frame, channel, tuple(unlabelled_roots))
+    options = layout_options(dataset, frame, channel, tuple(unlabelled_roots))
     layout = sources.get_layout(dataset, root, **options)
     target_resolution = target_resolution or layout.target_resolution
     image_size = image_size or layout.image_size
