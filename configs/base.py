@@ -88,8 +88,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.finetune.steps = 10_000
     config.finetune.learning_rate = 1e-3
     config.finetune.batch_size = 20
-    config.finetune.method = "supervised"  # supervised | mixup (jaxcl.methods.FINE_TUNINGS)
+    # supervised | mixup | self-training | adversarial (jaxcl.methods.FINE_TUNINGS, docs/METHOD.md)
+    config.finetune.method = "supervised"
     config.finetune.mixup_alpha = 0.1  # mixup: λ ~ Beta(α, α) per example
+    config.finetune.self_training_rounds = 3  # rounds of pseudo-labelling after the supervised one
+    config.finetune.pseudo_label_fraction = 0.5  # self-training: pseudo-labelled share of a batch
+    config.finetune.adversarial_weight = 0.1  # adversarial: w_max of the adversarial term
+    config.finetune.adversarial_rampup = 0.4  # adversarial: ramp-up length, a fraction of steps
     config.finetune.val_every = 50
     config.finetune.encoder_from = ml_collections.config_dict.placeholder(str)  # as above
     config.finetune.decoder_from = ml_collections.config_dict.placeholder(str)

@@ -91,20 +91,40 @@ class _LabelledVolume(_Volume):
 
 
 @pytest.mark.parametrize("name", list(methods.FINE_TUNINGS))
-def test_every_fine_tuning_step_runs(name, quick_config):
+def test_every_fine_tuning_builds_rounds_whose_step_runs(name, quick_config):
+    """Build, then run: every round of each fine-tuning takes one finite step."""
     config = quick_config.copy_and_resolve_references()
     config.finetune.method = name
+    config.finetune.self_training_rounds = 1
     rng = np.random.default_rng(0)
-    pool = pipeline.build_slice_pool(
+    labelled = pipeline.build_slice_pool(
         [_LabelledVolume(i, rng) for i in range(2)], num_partitions=4, require_labels=True
     )
+    unlabelled = pipeline.build_slice_pool([_Volume(i, rng) for i in range(2, 6)])
     parallel = DataParallel("pmap", devices=jax.devices()[:1])
     model = UNet(num_classes=4, **parts.model_options(config))
     state = steps.create_train_state(
         model, jax.random.key(0), parts.example_input(config), optax.adam(1e-3)
     )
-    step = methods.fine_tuning(name).step(config, model, 4)
-    batches = pipeline.labelled_batches(pool, batch_size=8, seed=0, local_device_count=1)
-    batch = parallel.put_batch(next(iter(batches.iterate(0))))
-    _, metrics = parallel.map_step(step)(parallel.put_state(state), batch, jax.random.key(1))
-    assert np.isfinite(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
+    fine_tuning = methods.fine_tuning(name)
+    for round_index in range(fine_tuning.rounds(config)):
+        built = fine_tuning.build(
+            parts.FineTuneInputs(
+                config=config,
+                model=model,
+                num_classes=4,
+                state=state,
+                key=jax.random.key(1),
+                labelled=labelled,
+                unlabelled=lambda: unlabelled,
+                local_device_count=1,
+                round_index=round_index,
+            )
+        )
+        batch = parallel.put_batch(next(iter(built.batches.iterate(0))))
+        new_state, metrics = parallel.map_step(built.step)(
+            parallel.put_state(built.state), batch, jax.random.key(1)
+        )
+        assert np.isfinite(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
+        state = built.segmenter(parallel.get_state(new_state))
+        assert set(state.params) == {"encoder", "decoder", "segmentation_head"}

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxcl import files
 from jaxcl.data.sources import DataError, Subject
-from jaxcl.data.splits import Splits
+from jaxcl.data.splits import ALL_LABELLED, Splits, with_all_labelled
 
 # Enumerate every subset below this many to draw distinct ones; sample above it.
 _ENUMERATION_LIMIT = 10_000
@@ -89,6 +89,9 @@ def parse_labelled(value: str | Mapping, key: str = "labelled") -> dict | None:
         ]
     labelled: dict[str, dict[str, tuple[str, ...]]] = {}
     for size, combination, ids in pairs:
+        if size == ALL_LABELLED:  # every labelled training case, whatever their number
+            labelled.setdefault(size, {})[combination] = ids
+            continue
         match = re.fullmatch(r"tr(\d+)", size)
         if not match or not re.fullmatch(r"c\d+", combination):
             raise DataError(
@@ -101,7 +104,12 @@ def parse_labelled(value: str | Mapping, key: str = "labelled") -> dict | None:
                 f"a set named {size} holds {match.group(1)} (rename it tr{len(ids)})."
             )
         labelled.setdefault(size, {})[combination] = ids
-    return {size: labelled[size] for size in sorted(labelled, key=lambda s: int(s[2:]))} or None
+    return {size: labelled[size] for size in sorted(labelled, key=_size_order)} or None
+
+
+def _size_order(name: str) -> float:
+    """ "tr2" -> 2; "trall" last."""
+    return math.inf if name == ALL_LABELLED else int(name[2:])
 
 
 def _read_file(path: str) -> dict:
@@ -288,10 +296,11 @@ def make_splits(
             raise DataError(f"pre-training cases {overlap} are also test cases; remove them.")
     else:
         pretrain = tuple(i for i in all_ids if i not in test)
+    labelled = {size: dict(combos) for size, combos in labelled.items() if size != ALL_LABELLED}
     splits = Splits(
         pretrain=tuple(pretrain),
         test=tuple(test),
-        labelled={size: dict(combos) for size, combos in labelled.items()},
+        labelled=labelled,
         default_val=tuple(val),
     )
-    return splits, notes, warnings
+    return with_all_labelled(splits, labelled_known), notes, warnings

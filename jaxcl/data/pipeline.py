@@ -181,10 +181,12 @@ class StepBatches:
         local_device_count: int | None,
         process_index: int,
         process_count: int,
+        stream: int = 0,
     ):
         self.pool = pool
         self._planner = planner
         self._seed = seed
+        self._stream = stream
         self._with_labels = with_labels
         self._local_device_count = local_device_count
         self.process_index = process_index
@@ -194,7 +196,8 @@ class StepBatches:
         """This host's pool indices for ``step``: (units_on_host, V) int64."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        global_plan = self._planner(np.random.default_rng((self._seed, step)))
+        entropy = (self._seed, step) if self._stream == 0 else (self._seed, step, self._stream)
+        global_plan = self._planner(np.random.default_rng(entropy))
         per_host = global_plan.shape[0] // self.process_count
         return global_plan[self.process_index * per_host : (self.process_index + 1) * per_host]
 
@@ -291,8 +294,12 @@ def random_slice_batches(
     local_device_count: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    stream: int = 0,
 ) -> StepBatches:
-    """G^R / L^R / BYOL batches: ``num_slices`` distinct random slices x ``num_views`` views."""
+    """G^R / L^R / BYOL batches: ``num_slices`` distinct random slices x ``num_views`` views.
+
+    ``stream`` > 0 draws an independent sequence from the same seed (a second source of a run).
+    """
     if not 0 < num_slices <= pool.num_slices:
         raise ValueError(f"num_slices={num_slices} must be in [1, {pool.num_slices}] (pool size).")
     layout = _shard_layout(
@@ -301,7 +308,7 @@ def random_slice_batches(
     planner = functools.partial(
         _plan_random, pool_size=pool.num_slices, num_slices=num_slices, num_views=num_views
     )
-    return StepBatches(pool, planner, seed=seed, with_labels=False, **layout)
+    return StepBatches(pool, planner, seed=seed, with_labels=False, stream=stream, **layout)
 
 
 def structured_batches(
@@ -360,15 +367,46 @@ def labelled_batches(
     local_device_count: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    stream: int = 0,
 ) -> StepBatches:
-    """Fine-tuning batches: ``batch_size`` slices drawn uniformly with replacement, with labels."""
+    """Fine-tuning batches: ``batch_size`` slices drawn uniformly with replacement, with labels.
+
+    ``stream`` > 0 draws an independent sequence from the same seed (a second source of a run).
+    """
     if pool.labels is None:
         raise DataError("labelled_batches needs a pool built with labels (require_labels=True).")
     layout = _shard_layout(
         batch_size, "batch_size", "slices", local_device_count, process_index, process_count
     )
     planner = functools.partial(_plan_labelled, pool_size=pool.num_slices, batch_size=batch_size)
-    return StepBatches(pool, planner, seed=seed, with_labels=True, **layout)
+    return StepBatches(pool, planner, seed=seed, with_labels=True, stream=stream, **layout)
+
+
+class MergedBatches:
+    """Step ``k`` of several sources merged into one batch: ``merge([s[k] for s in sources])``.
+
+    A semi-supervised fine-tuning reads its labelled and unlabelled slices this way; every
+    source is deterministic in (seed, k), so the merged batches resume exactly as well.
+    """
+
+    def __init__(self, sources: Sequence[StepBatches], merge: Callable[[list[Batch]], Batch]):
+        self.sources = tuple(sources)
+        self._merge = merge
+
+    def __getitem__(self, step: int) -> Batch:
+        return self._merge([source[step] for source in self.sources])
+
+    def iterate(self, start_step: int = 0, prefetch: int = 2) -> Iterator[Batch]:
+        """Yields the merged batches of steps ``start_step, start_step + 1, ...`` forever."""
+        batches = (self[step] for step in itertools.count(start_step))
+        return batches if prefetch == 0 else _in_background(batches, prefetch)
+
+
+def concatenate_examples(batches: Sequence[Batch]) -> Batch:
+    """The examples of several batches with the same fields, one after the other per device
+    (along the per-device axis when laid out per device, else axis 0)."""
+    axis = 1 if batches[0]["image"].ndim == 5 else 0
+    return {key: np.concatenate([b[key] for b in batches], axis=axis) for key in batches[0]}
 
 
 def volume_batches(

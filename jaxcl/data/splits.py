@@ -2,7 +2,8 @@
 
 Split names: "pretrain" (unlabelled pool for pre-training), "tr1"/"tr2"/"tr8" (labelled subsets of
 1, 2 or 8 volumes, combinations "c1".."c5" for tr1/tr2 and "c1".."c3" for tr8; MM-WHS has only
-"c1".."c4" for tr2, as in the original), "val" and "test".
+"c1".."c4" for tr2, as in the original), "trall" (every labelled training volume, combination
+"c1": the paper's full-label benchmark, docs/METHOD.md §10), "val" and "test".
 
 Validation sets depend on the labelled set in the original code; `get_split(d, "val", "tr1-c2")`
 returns the one that goes with labelled set tr1-c2, `get_split(d, "val")` the default. Like
@@ -25,7 +26,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from jaxcl.data.sources import DataError, Subject
 
-SPLIT_NAMES = ("pretrain", "tr1", "tr2", "tr8", "val", "test")
+SPLIT_NAMES = ("pretrain", "tr1", "tr2", "tr8", "trall", "val", "test")
+# The labelled set of every labelled training volume (the paper's benchmark), one combination.
+ALL_LABELLED = "trall"
 
 
 def _span(first: int, last: int, width: int = 3) -> tuple[str, ...]:
@@ -115,6 +118,16 @@ class Splits:
             },
             "pretrain": list(self.pretrain),
         }
+
+
+def with_all_labelled(splits: Splits, labelled_ids: Iterable[str] | None = None) -> Splits:
+    """`splits` plus the labelled set "trall": every labelled volume that is neither a test nor a
+    default validation volume (`labelled_ids`: those with labels; None: all of the pre-training
+    pool, as in the paper's datasets)."""
+    held_out = set(splits.test) | set(splits.default_val)
+    candidates = splits.pretrain if labelled_ids is None else sorted(labelled_ids)
+    ids = tuple(i for i in candidates if i not in held_out)
+    return dataclasses.replace(splits, labelled={**splits.labelled, ALL_LABELLED: {"c1": ids}})
 
 
 _ACDC = Splits(
@@ -245,7 +258,15 @@ _SYNTHETIC = Splits(
 )
 
 _SPLITS: Mapping[str, Splits] = types.MappingProxyType(
-    {"acdc": _ACDC, "prostate": _PROSTATE, "mmwhs": _MMWHS, "synthetic": _SYNTHETIC}
+    {
+        name: with_all_labelled(splits)
+        for name, splits in (
+            ("acdc", _ACDC),
+            ("prostate", _PROSTATE),
+            ("mmwhs", _MMWHS),
+            ("synthetic", _SYNTHETIC),
+        )
+    }
 )
 
 

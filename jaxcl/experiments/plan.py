@@ -1,11 +1,22 @@
 """The paper's experiment grid as data: initialisations, the runs they need and their configs.
 
-An initialisation names where the fine-tuned UNet starts from (the rows of the paper's table):
+An initialisation names where the fine-tuned UNet starts from and how it is fine-tuned (the rows
+of the paper's tables 1 and 2):
 
   random                    encoder and decoder random
   GR, GD-, GD, BYOL, BYOL-D encoder from that global pre-training, decoder random
+  Rotation                  encoder from rotation prediction, decoder random
+  Inpainting,               the whole UNet but its output head from that restoration task
+    ContextRestoration
   GR+LR, GR+LD, GD+LR, GD+LD encoder and decoder blocks 1..l from the local pre-training (L^R or
                             L^D) run on top of that global one (its frozen encoder included)
+  mixup, self-training,     random initialisation, fine-tuned by that semi-supervised method
+    adversarial             (`jaxcl.methods.FINE_TUNINGS`) instead of the supervised loss
+  <init>+<semi-supervised>  any initialisation above, fine-tuned by that method: GD+LR+mixup is
+                            the paper's "proposed init. + mixup"
+
+Labelled sets are tr1, tr2, tr8 (a folder's own sizes) and trall, every labelled training volume:
+random initialisation on trall is the paper's full-label benchmark.
 
 `config.sweep` selects the grid as comma-separated lists: `inits`, `labelled_sets` (tr1, tr2, tr8
 for the paper's datasets, a folder's own sizes, or "all"), `combinations.<set>` (the labelled
@@ -24,6 +35,7 @@ it; a cell (initialisation x labelled set x subset x seed) fine-tunes and evalua
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from collections.abc import Iterable, Mapping
@@ -31,23 +43,34 @@ from collections.abc import Iterable, Mapping
 import ml_collections
 
 from jaxcl import files, methods
-from jaxcl.data.splits import Splits
+from jaxcl.data.splits import ALL_LABELLED, Splits
 
 GLOBAL_METHODS = methods.names(methods.GLOBAL_STAGE)
 LOCAL_METHODS = methods.names(methods.LOCAL_STAGE)
 # The global pre-trainings the paper puts a local pre-training on top of.
 GLOBALS_WITH_LOCAL = ("GR", "GD")
+SUPERVISED = "supervised"
+# The fine-tunings besides the supervised one, in the registry's order.
+SEMI_SUPERVISED = tuple(name for name in methods.FINE_TUNINGS if name != SUPERVISED)
 ALL = "all"
 
 
 def is_labelled_set(name: str) -> bool:
-    """Whether `name` names a labelled-set size: "tr" and its number of volumes ("tr8")."""
-    return re.fullmatch(r"tr[1-9]\d*", name) is not None
+    """Whether `name` names a labelled set: "tr" and its number of volumes ("tr8"), or "trall"."""
+    return name == ALL_LABELLED or re.fullmatch(r"tr[1-9]\d*", name) is not None
+
+
+def labelled_set_size(name: str) -> str:
+    """|X_tr| as shown in tables: "tr8" -> "8", "trall" -> "all"."""
+    return name.removeprefix("tr")
 
 
 def sorted_labelled_sets(names: Iterable[str]) -> list[str]:
-    """Labelled-set sizes in increasing order ("tr1", "tr2", "tr8", "tr16"), each once."""
-    return sorted(set(names), key=lambda name: int(name.removeprefix("tr")))
+    """Labelled sets in increasing size ("tr1", "tr2", "tr8", "tr16", "trall"), each once."""
+    return sorted(
+        set(names),
+        key=lambda name: math.inf if name == ALL_LABELLED else int(name.removeprefix("tr")),
+    )
 
 
 class SweepConfigError(ValueError):
@@ -56,11 +79,13 @@ class SweepConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Initialisation:
-    """Where a fine-tuning starts: a global and optionally a local pre-training, or neither."""
+    """Where a fine-tuning starts (a global and optionally a local pre-training, or neither) and
+    how it fine-tunes (`config.finetune.method`)."""
 
     name: str
     global_name: str | None = None
     local_name: str | None = None
+    fine_tuning: str = SUPERVISED
 
 
 def _initialisations() -> dict[str, Initialisation]:
@@ -70,10 +95,16 @@ def _initialisations() -> dict[str, Initialisation]:
         for local_name in LOCAL_METHODS:
             name = f"{global_name}+{local_name}"
             inits[name] = Initialisation(name, global_name, local_name)
+    starts = list(inits.values())
+    for fine_tuning in SEMI_SUPERVISED:
+        for start in starts:
+            name = fine_tuning if start.name == "random" else f"{start.name}+{fine_tuning}"
+            inits[name] = dataclasses.replace(start, name=name, fine_tuning=fine_tuning)
     return inits
 
 
-# random, GR, GD-, GD, BYOL, BYOL-D, GR+LR, GR+LD, GD+LR, GD+LD (the table's row order).
+# random, the global pre-trainings, the local ones on top of G^R and G^D (table 1's row order),
+# then each semi-supervised fine-tuning from each of those starts.
 INITIALISATIONS: Mapping[str, Initialisation] = types.MappingProxyType(_initialisations())
 
 
@@ -103,9 +134,9 @@ class Cell:
     seed: int
 
     @property
-    def n_labelled(self) -> int:
-        """|X_tr|: the number of labelled volumes ("tr8" -> 8)."""
-        return int(self.labelled_set.removeprefix("tr"))
+    def n_labelled(self) -> str:
+        """|X_tr| as tables show it: "8" for tr8, "all" for trall."""
+        return labelled_set_size(self.labelled_set)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,6 +310,7 @@ def cell_config(
             decoder_from = encoder_from  # a restoration task pre-trains the whole UNet
     derived.finetune.encoder_from = encoder_from
     derived.finetune.decoder_from = decoder_from
+    derived.finetune.method = init.fine_tuning
     return derived
 
 

@@ -1,10 +1,11 @@
-"""The pre-training methods, one entry each (docs/METHOD.md §4-§7).
+"""The pre-training methods and the fine-tunings, one entry each (docs/METHOD.md §4-§7, §14-§18).
 
 An entry is all the rest of jaxcl needs to know of a method: its name (the one name used in
 configs, in `config.sweep.inits`, in results.csv and in logs), its notation in reports, the stage
 it trains, the paper's batch for it, whether its positives are other views of the same slice, and
 its builder (`jaxcl.methods.parts`). A new pre-training method is a module of its own with a
-builder (and its loss and step) plus one entry in `METHODS`.
+builder (and its loss and step) plus one entry in `METHODS`; a new fine-tuning (a semi-supervised
+method) is a module with a builder plus one entry in `FINE_TUNINGS`.
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ import ml_collections
 
 from jaxcl import files
 from jaxcl.methods import (
+    adversarial,
     byol,
     global_contrastive,
     local_contrastive,
     mixup,
-    parts,
     restoration,
     rotation,
+    self_training,
+    supervised,
 )
-from jaxcl.methods.parts import BuildInputs, StageParts
-from jaxcl.train import recipes, steps
+from jaxcl.methods.parts import BuildInputs, FineTuneInputs, FineTuneParts, StageParts
+from jaxcl.train import recipes
 
 GLOBAL_STAGE = "pretrain_global"
 EXPORT_RECORD = "jaxcl_method.json"
@@ -191,39 +194,44 @@ class FineTuning:
     """One way of fine-tuning the UNet on the labelled set (`config.finetune.method`).
 
     Attributes:
-      name: "supervised" (the paper's), "mixup".
-      step: `step(config, model, num_classes)` -> the per-device step, `finetune_step`'s form.
-      settings: the keys of config.finetune it reads besides the batch and steps.
+      name: "supervised" (the paper's), or a semi-supervised method of its Table 2: one name in
+        configs, in sweep rows ("GD+LR+mixup") and in results.csv.
+      build: `build(FineTuneInputs) -> FineTuneParts`, one round of training.
+      settings: the keys of config.finetune it reads besides the batch, steps and learning rate.
+      rounds: `rounds(config)` -> how many rounds the method trains, each of
+        `config.finetune.steps` steps, each starting from the best state of the one before.
+      uses_unlabelled: it reads the unlabelled pool (`FineTuneInputs.unlabelled`).
     """
 
     name: str
-    step: Callable[..., Callable] = dataclasses.field(repr=False)
+    build: Callable[[FineTuneInputs], FineTuneParts] = dataclasses.field(repr=False)
     settings: tuple[str, ...] = ()
-
-
-def _supervised_step(config, model, num_classes):
-    return functools.partial(
-        steps.finetune_step,
-        model=model,
-        num_classes=num_classes,
-        augment_config=parts.augment_config(config),
+    rounds: Callable[[ml_collections.ConfigDict], int] = dataclasses.field(
+        default=lambda config: 1, repr=False
     )
-
-
-def _mixup_step(config, model, num_classes):
-    return functools.partial(
-        mixup.mixup_step,
-        model=model,
-        num_classes=num_classes,
-        alpha=config.finetune.mixup_alpha,
-        augment_config=parts.augment_config(config),
-    )
+    uses_unlabelled: bool = False
 
 
 FINE_TUNINGS: Mapping[str, FineTuning] = types.MappingProxyType(
     {
-        "supervised": FineTuning("supervised", _supervised_step),
-        "mixup": FineTuning("mixup", _mixup_step, ("mixup_alpha",)),
+        f.name: f
+        for f in (
+            FineTuning("supervised", supervised.build),
+            FineTuning("mixup", mixup.build, ("mixup_alpha",)),
+            FineTuning(
+                "self-training",
+                self_training.build,
+                ("self_training_rounds", "pseudo_label_fraction"),
+                rounds=self_training.rounds,
+                uses_unlabelled=True,
+            ),
+            FineTuning(
+                "adversarial",
+                adversarial.build,
+                ("adversarial_weight", "adversarial_rampup"),
+                uses_unlabelled=True,
+            ),
+        )
     }
 )
 

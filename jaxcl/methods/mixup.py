@@ -8,6 +8,7 @@ drawn from the same batch (a random permutation): image `λ x_i + (1 - λ) x_j` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 
 from jaxcl import augment
 from jaxcl.losses import segmentation
+from jaxcl.methods import parts, supervised
+from jaxcl.methods.parts import FineTuneInputs, FineTuneParts
 from jaxcl.train import steps
 from jaxcl.train.parallel import AXIS_NAME
 from jaxcl.train.state import TrainState
@@ -72,3 +75,15 @@ def mixup_step(
         return segmentation.soft_target_dice_loss(logits, targets), batch_stats
 
     return steps.mean_loss_update(state, loss_fn)
+
+
+def build(inputs: FineTuneInputs) -> FineTuneParts:
+    """`mixup_step` on the supervised fine-tuning's batches (`config.finetune.mixup_alpha`)."""
+    step = functools.partial(
+        mixup_step,
+        model=inputs.model,
+        num_classes=inputs.num_classes,
+        alpha=inputs.config.finetune.mixup_alpha,
+        augment_config=parts.augment_config(inputs.config),
+    )
+    return dataclasses.replace(supervised.build(inputs), step=step)

@@ -113,3 +113,55 @@ def train_outputs(model: nn.Module, params: PyTree, batch_stats: PyTree, x: jax.
         {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )
     return outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tunings (`jaxcl.methods.FineTuning`).
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneInputs:
+    """What a fine-tuning's builder may read, for one round of its training.
+
+    Attributes:
+      config: the run's config, data settings resolved.
+      model: the `UNet` being fine-tuned.
+      num_classes: classes including background.
+      state: the UNet's `TrainState` this round starts from: the transferred initialisation in
+        round 0, the best-validation state of the round before in later rounds.
+      key: initialisation key for any other network the method trains (a discriminator).
+      labelled: the labelled training slices (`pipeline.SlicePool` with labels).
+      unlabelled: `unlabelled()` -> the slices of the unlabelled pool (the pre-training pool
+        without the labelled and validation volumes), loaded on first call.
+      local_device_count: devices of this process (batches are laid out per device).
+      round_index: 0, 1, ... (`FineTuning.rounds`).
+    """
+
+    config: ml_collections.ConfigDict
+    model: nn.Module
+    num_classes: int
+    state: PyTree
+    key: jax.Array
+    labelled: Any
+    unlabelled: Callable[[], Any]
+    local_device_count: int
+    round_index: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FineTuneParts:
+    """One built round of fine-tuning.
+
+    Attributes:
+      state: the initial host state (the UNet's `TrainState`, or a state holding it).
+      step: `step(state, batch, rng) -> (state, metrics)` for one device of the "batch" axis.
+      batches: step-indexed batches with `iterate(start_step)` (`jaxcl.data.pipeline`).
+      images_per_step: global images per step (for images/s).
+      segmenter: state -> the UNet's `TrainState` (validated, exported, next round's start).
+    """
+
+    state: PyTree
+    step: Callable
+    batches: Any
+    images_per_step: int
+    segmenter: Callable[[PyTree], PyTree] = lambda state: state

@@ -109,16 +109,23 @@ def _train(
     step,
     batches,
     images_per_step: int,
+    step_key: jax.Array | None = None,
     validate=None,
     **settings,
 ) -> loop.LoopResult:
-    """Runs `loop.train_loop` for a stage with the config's step count and cadence."""
-    _, step_key = _keys(config, stage)
+    """Runs `loop.train_loop` for a stage with the config's step count and cadence.
+
+    stage: the stage, or "<stage>/<part>" for a part of it trained in WORKDIR/<stage>/<part>/
+    (a round of self-training); step_key: default the stage's.
+    """
+    section = stage.split("/")[0]
+    if step_key is None:
+        _, step_key = _keys(config, section)
     return loop.train_loop(
         loop.LoopSettings(
             stage=stage,
             stage_dir=str(files.path(workdir) / stage),
-            total_steps=config[stage].steps,
+            total_steps=config[section].steps,
             images_per_step=images_per_step,
             log_every=config.log_every,
             checkpoint_every=config.checkpoint_every,
@@ -222,9 +229,29 @@ def _unet(config, data: DataContext) -> UNet:
     return UNet(num_classes=data.layout.num_classes, **parts.model_options(config))
 
 
+def _unlabelled_pool(config, data: DataContext, exclude: list[str]) -> pipeline.SlicePool:
+    """The slices of the pre-training pool without `exclude` (labelled and validation volumes):
+    the unlabelled images of a semi-supervised fine-tuning."""
+    ids = [i for i in data.splits.get("pretrain") if i not in set(exclude)]
+    if not ids:
+        raise DataError(
+            f"config.finetune.method={config.finetune.method!r} needs unlabelled volumes, but "
+            "every pre-training volume is a labelled or validation one; add unlabelled images "
+            "(a folder's imagesTs/ or config.data.unlabelled_roots)."
+        )
+    return pipeline.build_slice_pool(data.volumes(ids), num_partitions=config.data.n_partitions)
+
+
 def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
-    """Stage 3: the UNet on the labelled subset, best validation Dice kept (docs/METHOD.md §9)."""
+    """Stage 3: the UNet on the labelled subset, best validation Dice kept (docs/METHOD.md §9).
+
+    `config.finetune.method` picks the fine-tuning (`methods.FINE_TUNINGS`): its builder gives
+    each round's state, step and batches. Round 0 trains in WORKDIR/finetune/, round r > 0 (self-
+    training) in WORKDIR/finetune/round<r>/ from the best state of round r - 1; the best state
+    of the last round is exported.
+    """
     stage, cfg = "finetune", config.finetune
+    fine_tuning = methods.fine_tuning(cfg.method)
     parallel = DataParallel(config.parallel.mode)
     labelled_set, combination = config.data.labelled_set, config.data.combination
     labelled = data.splits.get(labelled_set, combination)
@@ -234,14 +261,8 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
         num_partitions=config.data.n_partitions,
         require_labels=True,
     )
-    batches = pipeline.labelled_batches(
-        pool,
-        batch_size=cfg.batch_size,
-        seed=config.seed,
-        local_device_count=parallel.num_local_devices,
-    )
     model = _unet(config, data)
-    init_key, _ = _keys(config, stage)
+    init_key, step_key = _keys(config, stage)
     state = steps.create_train_state(
         model, init_key, parts.example_input(config), optax.adam(cfg.learning_rate)
     )
@@ -249,7 +270,6 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
     decoder_from = _source_export(config, workdir, cfg.get("decoder_from"), "pretrain_local")
     state = _load_into(state, encoder_from, [("encoder",)], stage)
     state = _load_into(state, decoder_from, _decoder_paths(config, decoder_from), stage)
-    step = methods.fine_tuning(cfg.method).step(config, model, data.layout.num_classes)
     predict = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
     validator = _Validator(
         predict,
@@ -257,25 +277,49 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
         data.layout.num_classes,
         config.data.eval_chunk_size,
     )
-    result = _train(
-        config,
-        workdir,
-        stage,
-        parallel=parallel,
-        state=state,
-        step=step,
-        batches=batches,
-        images_per_step=cfg.batch_size,
-        validate=validator,
-        validate_every=cfg.val_every,
-        select_best="val_dice",
+    unlabelled = functools.cache(
+        functools.partial(_unlabelled_pool, config, data, labelled + validation)
     )
-    _export(workdir, stage, result.best_state or result.state)
+    num_rounds = fine_tuning.rounds(config)
+    for round_index in range(num_rounds):
+        built = fine_tuning.build(
+            parts.FineTuneInputs(
+                config=config,
+                model=model,
+                num_classes=data.layout.num_classes,
+                state=state,
+                key=jax.random.fold_in(init_key, 1),
+                labelled=pool,
+                unlabelled=unlabelled,
+                local_device_count=parallel.num_local_devices,
+                round_index=round_index,
+            )
+        )
+        name = stage if round_index == 0 else f"{stage}/round{round_index}"
+        if num_rounds > 1:
+            logging.info("%s: %s round %d of %d.", stage, cfg.method, round_index + 1, num_rounds)
+        result = _train(
+            config,
+            workdir,
+            name,
+            parallel=parallel,
+            state=built.state,
+            step=built.step,
+            batches=built.batches,
+            images_per_step=built.images_per_step,
+            step_key=jax.random.fold_in(step_key, round_index) if round_index else step_key,
+            validate=lambda host_state, built=built: validator(built.segmenter(host_state)),
+            validate_every=cfg.val_every,
+            select_best="val_dice",
+        )
+        state = built.segmenter(result.best_state or result.state)
+    _export(workdir, stage, state)
     if distributed.is_main_process():
         model_card.write(files.path(workdir) / stage / "export", _card(config, data))
     return {
         "labelled": labelled,
         "validation": validation,
+        "method": cfg.method,
         "encoder_from": encoder_from or "random",
         "decoder_from": decoder_from or "random",
         **result.metrics,

@@ -30,7 +30,7 @@ def _config(root, splits=None, **data):
 def test_folder_splits_and_settings_are_resolved_with_notes(root):
     data = DataContext(_config(root))
     assert len(data.splits.test) == 1 and len(data.splits.default_val) == 1
-    assert list(data.splits.labelled) == ["tr1"]  # 1 training case left
+    assert list(data.splits.labelled) == ["tr1", "trall"]  # 1 training case left
     assert len(data.splits.pretrain) == 3  # 2 labelled + imagesTs/, not the test case
     assert data.config.data.target_resolution > 0
     assert data.config.data.image_size % 32 == 0

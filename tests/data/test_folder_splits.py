@@ -34,8 +34,12 @@ def test_automatic_splits_are_disjoint_and_sized_as_configured():
     assert len(splits.test) == 2  # 20% of 12
     assert len(splits.default_val) == 2
     assert not set(splits.test) & set(splits.default_val)
-    assert list(splits.labelled) == ["tr1", "tr2", "tr8"]
-    assert [len(c) for c in splits.labelled.values()] == [3, 3, 1]  # C(8, 8) = 1
+    assert list(splits.labelled) == ["tr1", "tr2", "tr8", "trall"]
+    assert [len(c) for c in splits.labelled.values()] == [3, 3, 1, 1]  # C(8, 8) = 1
+    # trall: every labelled case that is neither a test nor a validation case.
+    held_out = set(splits.test) | set(splits.default_val)
+    labelled = {f"case_{i:02d}" for i in range(12)} - held_out
+    assert set(splits.get("trall", "c1")) == labelled
     for combos in splits.labelled.values():
         assert len(set(combos.values())) == len(combos)  # distinct subsets
         for ids in combos.values():
@@ -60,8 +64,9 @@ def test_two_labelled_cases_train_on_one_and_test_on_the_other():
     splits, _, warnings = _make(2, num_unlabelled=1)
     assert len(splits.test) == 1
     assert splits.default_val == ()
-    assert list(splits.labelled) == ["tr1"]
+    assert list(splits.labelled) == ["tr1", "trall"]
     (train,) = splits.labelled["tr1"].values()
+    assert splits.labelled["trall"]["c1"] == train
     assert splits.val("tr1-c1") == train  # validation reuses the training case
     assert any("validated on its training cases" in warning for warning in warnings)
     assert any("sizes [2, 8] capped" in warning for warning in warnings)
@@ -81,7 +86,11 @@ def test_explicit_splits_are_used_as_given():
     )[0]
     assert splits.test == ("case_05",)
     assert splits.default_val == ("case_04",)
-    assert splits.labelled == {"tr1": {"c1": ("case_00",)}, "tr2": {"c1": ("case_01", "case_02")}}
+    assert splits.labelled == {
+        "tr1": {"c1": ("case_00",)},
+        "tr2": {"c1": ("case_01", "case_02")},
+        "trall": {"c1": ("case_00", "case_01", "case_02", "case_03")},
+    }
     assert "case_04" in splits.pretrain and "case_05" not in splits.pretrain
 
 

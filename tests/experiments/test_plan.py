@@ -130,7 +130,8 @@ def test_derived_configs_share_the_pretrainings():
 
 
 def test_n_labelled():
-    assert [plan.Cell("GD", s, "c1", 0).n_labelled for s in ("tr1", "tr2", "tr8")] == [1, 2, 8]
+    cells = [plan.Cell("GD", s, "c1", 0) for s in ("tr1", "tr2", "tr8", "trall")]
+    assert [cell.n_labelled for cell in cells] == ["1", "2", "8", "all"]
 
 
 @pytest.mark.parametrize(
@@ -147,7 +148,7 @@ def test_n_labelled():
         (
             "labelled_sets",
             "tr1,tr4",
-            "config.sweep.labelled_sets has unknown names ['tr4']; valid: tr1,tr2,tr8.",
+            "config.sweep.labelled_sets has unknown names ['tr4']; valid: tr1,tr2,tr8,trall.",
         ),
         ("seeds", "0,one", "config.sweep.seeds='0,one': 'one' is not an integer."),
     ],

@@ -1,0 +1,96 @@
+"""Self-training (Bai et al., MICCAI 2017), a Table 2 semi-supervised baseline (docs/METHOD.md §17).
+
+Round 0 is the supervised fine-tuning. Each of the `config.finetune.self_training_rounds` later
+rounds (the paper's 3):
+
+1. the best-validation UNet of the round before labels every slice of the unlabelled pool with
+   its argmax (pseudo-labels, re-estimated every round; no CRF refinement);
+2. the UNet, starting from that best state, trains `config.finetune.steps` more steps on batches
+   of which `config.finetune.pseudo_label_fraction` are pseudo-labelled slices and the rest
+   labelled ones, with the supervised loss and augmentation, keeping its best validation state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcl.data import pipeline
+from jaxcl.methods import supervised
+from jaxcl.methods.parts import FineTuneInputs, FineTuneParts
+
+PAPER_ROUNDS = 3
+
+
+def rounds(config) -> int:
+    """Training rounds: the supervised one, then `config.finetune.self_training_rounds`."""
+    return 1 + config.finetune.self_training_rounds
+
+
+def pseudo_labels(
+    predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, chunk_size: int
+) -> np.ndarray:
+    """(N, H, W) uint8 labels `predict` gives (N, H, W) images, `chunk_size` slices at a time.
+
+    predict: (n, H, W, 1) float32 -> (n, H, W) class indices.
+    """
+    chunks = [
+        np.asarray(predict(images[start : start + chunk_size, ..., None]))
+        for start in range(0, images.shape[0], chunk_size)
+    ]
+    return np.concatenate(chunks).astype(np.uint8)
+
+
+def batch_split(batch_size: int, fraction: float, groups: int) -> tuple[int, int]:
+    """(labelled, pseudo-labelled) slices of a batch: the pseudo-labelled share `fraction` of
+    `batch_size`, rounded to whole slices on each of `groups` devices; ValueError if either part
+    is empty."""
+    per_group = batch_size // groups
+    pseudo = round(per_group * fraction) * groups
+    if not 0 < pseudo < batch_size:
+        raise ValueError(
+            f"config.finetune.pseudo_label_fraction={fraction} leaves {pseudo} of "
+            f"config.finetune.batch_size={batch_size} slices pseudo-labelled over {groups} "
+            "devices; each device needs labelled and pseudo-labelled slices: use a fraction "
+            "strictly between 0 and 1 (e.g. 0.5) and a batch of at least 2 slices per device."
+        )
+    return batch_size - pseudo, pseudo
+
+
+def build(inputs: FineTuneInputs) -> FineTuneParts:
+    """Round 0: the supervised fine-tuning; later rounds: on labelled + pseudo-labelled slices
+    (the round's start `inputs.state` is the best state of the round before, which labels)."""
+    base = supervised.build(inputs)
+    if inputs.round_index == 0:
+        return base
+    config, model = inputs.config, inputs.model
+    variables = {"params": inputs.state.params, "batch_stats": inputs.state.batch_stats}
+    classes = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1))
+    pool = inputs.unlabelled()
+    labels = pseudo_labels(
+        lambda x: classes(variables, x), pool.images, config.data.eval_chunk_size
+    )
+    pseudo_pool = dataclasses.replace(pool, labels=labels)
+    labelled, pseudo = batch_split(
+        config.finetune.batch_size,
+        config.finetune.pseudo_label_fraction,
+        jax.process_count() * inputs.local_device_count,
+    )
+    batches = pipeline.MergedBatches(
+        [
+            supervised.labelled_batches(inputs, labelled),
+            pipeline.labelled_batches(
+                pseudo_pool,
+                batch_size=pseudo,
+                seed=config.seed,
+                local_device_count=inputs.local_device_count,
+                stream=inputs.round_index,
+            ),
+        ],
+        pipeline.concatenate_examples,
+    )
+    return dataclasses.replace(base, batches=batches)
