@@ -5,6 +5,7 @@ Workdirs are local folders or `gs://` URIs (`jaxcl.files`).
 WORKDIR/sweep_config.json        the config of the first invocation (without `config.sweep`) and
                                  its command line; later invocations must train with the same
                                  config, or a rerun would silently mix results of two configs
+                                 (keys that a newer jaxcl added are accepted and logged)
 <run workdir>/sweep_time.json    {"seconds": total, "sessions": [{"seconds", "commit",
                                  "finished", "machine"}, ...]}: wall time the sweep spent on the
                                  run, summed over the invocations that worked on it (a SIGKILLed
@@ -14,6 +15,7 @@ WORKDIR/sweep_config.json        the config of the first invocation (without `co
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -31,6 +33,7 @@ TIME_FILE = "sweep_time.json"
 # Config keys that may change between invocations on one workdir: what to run, where the data
 # lives, how the processes find each other.
 _MAY_CHANGE = ("sweep", "data.root", "data.data_dir", "distributed")
+_ABSENT = object()
 
 
 def git_commit() -> str:
@@ -126,10 +129,18 @@ def check_stored_config(config: ml_collections.ConfigDict, workdir: str, command
         return
     stored_file = read_json(path)
     stored = _training_config(stored_file["config"])
+    # Keys jaxcl gained after the sweep started: a new key's default keeps what older versions
+    # did (a new method's settings, say), so the sweep goes on; the log names them.
+    if added := sorted(set(current) - set(stored)):
+        logging.info(
+            "sweep: config keys new since %s started: %s (used by the runs still to come).",
+            workdir,
+            ", ".join(f"{key}={current[key]!r}" for key in added),
+        )
     differences = [
-        f"{key}: {stored.get(key, '<absent>')!r} -> {current.get(key, '<absent>')!r}"
-        for key in sorted(set(stored) | set(current))
-        if stored.get(key) != current.get(key)
+        f"{key}: {stored[key]!r} -> {current.get(key, '<absent>')!r}"
+        for key in sorted(stored)
+        if stored[key] != current.get(key, _ABSENT)
     ]
     if differences:
         raise SweepConfigError(

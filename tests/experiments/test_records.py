@@ -69,6 +69,17 @@ def test_stored_config_refuses_other_training_settings(tmp_path):
     assert "Use another --workdir" in message
 
 
+def test_keys_added_by_a_newer_jaxcl_are_accepted_removed_ones_refused(tmp_path):
+    workdir = str(tmp_path)
+    older = synthetic.get_config()
+    del older.finetune["adversarial_weight"]  # as if the sweep began before the key existed
+    records.check_stored_config(older, workdir, "cmd --a")
+    records.check_stored_config(synthetic.get_config(), workdir, "cmd --b")
+    del older.finetune["mixup_alpha"]
+    with pytest.raises(plan.SweepConfigError, match="finetune.mixup_alpha: 0.1 -> '<absent>'"):
+        records.check_stored_config(older, workdir, "cmd --c")
+
+
 def test_git_commit_of_this_checkout_or_unknown(monkeypatch):
     commit = records.git_commit()
     assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?|unknown", commit), commit
