@@ -143,10 +143,8 @@ def collect(workdir: files.PathLike) -> tuple[list[LossCurve], list[Validation]]
             metrics = read_metrics(path)
             if any("val_dice" in m for m in metrics) and any("loss" in m for m in metrics):
                 groups.setdefault((init, labelled_set), []).append(metrics)
-    order = sorted(
-        groups,
-        key=lambda k: (list(plan.INITIALISATIONS).index(k[0]), int(k[1].removeprefix("tr"))),
-    )
+    sets = plan.sorted_labelled_sets(labelled_set for _, labelled_set in groups)
+    order = sorted(groups, key=lambda k: (list(plan.INITIALISATIONS).index(k[0]), sets.index(k[1])))
     return curves, [validation(*key, groups[key]) for key in order]
 
 
@@ -174,7 +172,7 @@ def diagnostics_markdown(curves: Sequence[LossCurve], validations: Sequence[Vali
     ]
     for v in validations:
         lines.append(
-            f"| {methods.label(v.init)} | {v.labelled_set.removeprefix('tr')} | "
+            f"| {methods.label(v.init)} | {plan.labelled_set_size(v.labelled_set)} | "
             f"{v.num_cells} | {v.best_dice:.3f} | {v.best_step:.0f} of {v.steps} | "
             f"{v.best_late}/{v.num_cells} | {v.last_dice:.3f} | {v.last_loss:.4f} |"
         )

@@ -1,5 +1,8 @@
 """The sweep's plot: mean test Dice against |X_tr| per initialisation, with error bars.
 
+trall (every labelled volume) is no point on the |X_tr| axis: random initialisation on it, the
+paper's benchmark, is a horizontal line; other initialisations' trall entries are not drawn.
+
 Built as a `matplotlib.figure.Figure` without pyplot, like `jaxcl.figures`, and saved with
 `jaxcl.figures.save_figure`.
 """
@@ -14,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxcl import methods
+from jaxcl.data.splits import ALL_LABELLED
 from jaxcl.experiments import plan, table
 
 # Horizontal spread (in log2 units of |X_tr|) between the lines, so error bars stay apart.
@@ -29,7 +33,8 @@ def dice_figure(
     title: str = "",
     footer: Sequence[str] = (),
 ) -> Figure:
-    """Mean Dice ± std over subsets against |X_tr| (log scale), one line per initialisation.
+    """Mean Dice ± std over subsets against |X_tr| (log scale), one line per initialisation
+    (dotted: a semi-supervised fine-tuning), and the benchmark as a horizontal line.
 
     Args:
       entries: (init, labelled set) -> entry, from `table.summarize`.
@@ -39,8 +44,9 @@ def dice_figure(
     if not entries:
         raise ValueError("dice_figure needs at least one finished cell.")
     all_inits = list(plan.INITIALISATIONS)
-    inits = [name for name in all_inits if any(i == name for i, _ in entries)]
-    sizes = sorted({int(s.removeprefix("tr")) for _, s in entries})
+    points = {key: entry for key, entry in entries.items() if key[1] != ALL_LABELLED}
+    inits = [name for name in all_inits if any(i == name for i, _ in points)]
+    sizes = sorted({int(plan.labelled_set_size(s)) for _, s in points})
     palette = matplotlib.colormaps["tab10"]
     footer = [part for line in footer for part in textwrap.wrap(line, _FOOTER_WIDTH)]
     figure = Figure(figsize=(7.5, 4.8 + _FOOTER_LINE * len(footer)), layout="constrained")
@@ -53,26 +59,31 @@ def dice_figure(
             figure.text(0.01, y, line, fontsize=7, family="monospace")
     ax = figure.subplots()
     for index, init in enumerate(inits):
-        points = sorted(
-            (int(s.removeprefix("tr")), e) for (i, s), e in entries.items() if i == init
+        curve = sorted(
+            (int(plan.labelled_set_size(s)), e) for (i, s), e in points.items() if i == init
         )
         offset = 2.0 ** (_SPREAD * (index - (len(inits) - 1) / 2))
-        x = np.array([size for size, _ in points]) * offset
+        x = np.array([size for size, _ in curve]) * offset
+        semi_supervised = plan.INITIALISATIONS[init].fine_tuning != plan.SUPERVISED
         ax.errorbar(
             x,
-            [e.mean for _, e in points],
-            yerr=[e.std for _, e in points],
+            [e.mean for _, e in curve],
+            yerr=[e.std for _, e in curve],
             label=methods.label(init, math=True),
             # One colour per initialisation in every sweep's plot.
-            color="black" if init == "random" else palette(all_inits.index(init) % 10),
-            linestyle="--" if init == "random" else "-",
+            color="black" if init == table.RANDOM else palette(all_inits.index(init) % 10),
+            linestyle="--" if init == table.RANDOM else (":" if semi_supervised else "-"),
             marker="o",
             markersize=4,
             capsize=3,
         )
+    benchmark = entries.get((table.RANDOM, ALL_LABELLED))
+    if benchmark is not None:
+        ax.axhline(benchmark.mean, color="grey", linestyle="-.", label="benchmark (all labelled)")
     ax.set_xscale("log", base=2)
-    ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
-    ax.set_xticks(sizes, [str(size) for size in sizes])
+    if sizes:
+        ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
+        ax.set_xticks(sizes, [str(size) for size in sizes])
     ax.minorticks_off()
     ax.set_xlabel("$|X_{tr}|$ (labelled training volumes)")
     ax.set_ylabel("mean test Dice (± std over subsets)")

@@ -1,10 +1,12 @@
 """Writes the sweep's outputs from what its runs left in the workdir.
 
   WORKDIR/results.csv   one row per finished cell (`table.csv_text`), `# ` lines on top
-  WORKDIR/results.md    the paper's table (`table.dice_table`), the plot, the paper's claims
-                        checked on the results (`claims`), the pre-training losses and
-                        fine-tuning validation (`diagnostics`), then the config as JSON
-  WORKDIR/results.png   mean Dice against |X_tr| per initialisation (`plot.dice_figure`)
+  WORKDIR/results.md    the paper's tables 1 and 2 and the other rows (`table.tables_markdown`),
+                        the plot, the paper's claims checked on the results with 95 %
+                        intervals (`claims`), the pre-training losses and fine-tuning
+                        validation (`diagnostics`), then the config as JSON
+  WORKDIR/results.png   mean Dice against |X_tr| per initialisation, the benchmark (trall) as
+                        a horizontal line (`plot.dice_figure`)
 
 Every finished cell in the workdir is reported (a cell is finished when its evaluate stage wrote
 DONE.json), also cells an earlier invocation with another `config.sweep` selection ran. Each output
@@ -110,10 +112,11 @@ def _markdown(
     plot_name: str,
 ) -> str:
     parts = [f"# Sweep results: {dataset}", "", *[f"- {line}" for line in lines], ""]
-    parts += [table.dice_table(results, dataset)]
+    parts += [table.tables_markdown(results, dataset)]
     parts += [
         f"Per cell (per-class Dice, seeds, times): {CSV_FILE}. Init names in results.csv and "
-        "config.sweep.inits: random, GR, GD-, GD, BYOL, BYOL-D, GR+LR, ...",
+        "config.sweep.inits: random, GR, GD-, GD, BYOL, BYOL-D, GR+LR, ..., mixup, GD+LR+mixup, "
+        "...",
         "",
     ]
     if results:

@@ -72,6 +72,8 @@ def test_collect_reads_the_workdir_and_writes_two_tables(tmp_path):
     _finetune(workdir, "random", "tr1", "c1", [0.3, 0.2], [0.6, 0.4])
     _finetune(workdir, "random", "tr1", "c2", [0.1, 0.5], [0.7, 0.5])
     _finetune(workdir, "random", "tr1", "c3", [0.9], [0.1], finished=False)  # still running
+    _finetune(workdir, "random", "trall", "c1", [0.7, 0.8], [0.2, 0.1])
+    _finetune(workdir, "random", "tr16", "c1", [0.5, 0.6], [0.3, 0.2])
 
     curves, validations = diagnostics.collect(workdir)
 
@@ -79,11 +81,15 @@ def test_collect_reads_the_workdir_and_writes_two_tables(tmp_path):
         ("GD", "pretrain_global", 4.0, 3.0),
         ("GD+LR", "pretrain_local", 0.5, 0.25),
     ]
+    # By initialisation, then labelled set by size with trall last.
     assert [(v.init, v.labelled_set, v.num_cells) for v in validations] == [
         ("random", "tr1", 2),
+        ("random", "tr16", 1),
+        ("random", "trall", 1),
         ("GD", "tr2", 1),
     ]
     assert validations[0].best_dice == pytest.approx(0.4)  # (0.3 + 0.5) / 2
     markdown = diagnostics.diagnostics_markdown(curves, validations)
     assert "| G^D | global | 20 | 4.0000 | 4.0000 | 3.0000 | +0.0 % |" in markdown
     assert "| random | 1 | 2 | 0.400 | 15 of 20 | 1/2 | 0.350 | 0.4500 |" in markdown
+    assert "| random | all | 1 | 0.800 | 20 of 20 | 1/1 | 0.800 | 0.1000 |" in markdown

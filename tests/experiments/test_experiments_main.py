@@ -123,15 +123,24 @@ def test_quick_sweep_shares_pretrainings_and_reports_every_cell(quick_sweep):
     )
     assert re.search(r"\n- machine: \d+ CPU cores \(.+\), \d+ jax devices?: cpu \(jax ", markdown)
     assert f"]({report.PLOT_FILE})" in markdown
-    # random, G^D and G^D + L^R on tr1 only: claim 2 (needs G^R) and claim 4 (two sizes) not run.
-    claims_lines = markdown.split("## The paper's claims")[1].splitlines()
+    # random, G^D and G^D + L^R on tr1-c1 with one seed: one pair per comparison, no interval,
+    # so claims 1 and 3 are inconclusive; 2 (needs G^R), 4 (two sizes), 5 and 6 (pretext tasks,
+    # semi-supervised fine-tunings) not run.
+    claims_text = markdown.split("## The paper's claims")[1]
     verdicts = {  # the summary rows: "| 1 | claim | **verdict** | summary |"
         line.split(" | ")[0].strip("| "): line.split(" | ")[2]
-        for line in claims_lines
+        for line in claims_text.splitlines()
         if "**" in line
     }
-    assert verdicts["1"] in ("**holds**", "**partly**", "**fails**")
-    assert verdicts["2"] == verdicts["4"] == "**not run**"
+    assert verdicts == {
+        "1": "**inconclusive**",
+        "2": "**not run**",
+        "3": "**inconclusive**",
+        "4": "**not run**",
+        "5": "**not run**",
+        "6": "**not run**",
+    }
+    assert "`--config.sweep.seeds=0,1,2`" in claims_text
     assert (workdir / report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -212,7 +221,8 @@ def test_invalid_selection_exits_1_naming_the_valid_values(sweep_dirs):
     process = _run(_command(workdir, sweep_dirs, "--config.sweep.inits=random,GX"), sweep_dirs)
     assert process.returncode == 1
     assert "Traceback" not in process.stderr
-    valid = ",".join(plan.INITIALISATIONS)  # random, every global method, GR/GD + LR/LD
-    assert valid.startswith("random,GR,GD-,GD,BYOL,BYOL-D,") and valid.endswith(",GD+LD")
+    # random, every global method, GR/GD + LR/LD, then the semi-supervised fine-tunings.
+    valid = ",".join(plan.INITIALISATIONS)
+    assert valid.startswith("random,GR,GD-,GD,BYOL,BYOL-D,") and ",GD+LR+mixup," in f"{valid},"
     assert f"jaxcl: config.sweep.inits has unknown names ['GX']; valid: {valid}." in process.stderr
     assert not workdir.exists()

@@ -53,3 +53,27 @@ def test_long_footer_lines_are_wrapped_not_cut():
 def test_no_entries():
     with pytest.raises(ValueError, match="at least one finished cell"):
         plot.dice_figure({})
+
+
+def test_benchmark_is_a_horizontal_line_not_a_point():
+    entries = {
+        **ENTRIES,
+        ("random", "trall"): table.Entry(0.90, 0.0, 1),
+        ("GD+LR", "trall"): table.Entry(0.95, 0.0, 1),  # no point: trall is no |X_tr| on the axis
+        ("GD+LR+mixup", "tr1"): table.Entry(0.65, 0.05, 5),
+    }
+    [ax] = plot.dice_figure(entries).axes
+    labels = [c.get_label() for c in ax.containers]
+    assert labels == ["random", "$G^{D}$ + $L^{R}$", "$G^{D}$ + $L^{R}$ + mixup"]
+    random_line, proposed_line, mixup_line = (c[0] for c in ax.containers)
+    assert random_line.get_ydata() == pytest.approx([0.5, 0.8])
+    assert proposed_line.get_ydata() == pytest.approx([0.6, 0.7, 0.85])
+    assert mixup_line.get_linestyle() == ":"  # a semi-supervised fine-tuning
+    [benchmark] = [line for line in ax.lines if line.get_label() == "benchmark (all labelled)"]
+    assert benchmark.get_ydata() == pytest.approx([0.9, 0.9])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "8"]
+
+
+def test_only_the_benchmark():
+    [ax] = plot.dice_figure({("random", "trall"): table.Entry(0.9, 0.0, 1)}).axes
+    assert [line.get_label() for line in ax.lines] == ["benchmark (all labelled)"]

@@ -95,3 +95,38 @@ def test_write_report_without_finished_cells(tmp_path):
     assert (tmp_path / report.CSV_FILE).read_text().splitlines()[-1] == (
         "init,n_labelled,subset,seed,dice_mean,dice_std,seconds"
     )
+
+
+def test_write_report_with_table2_rows_and_the_benchmark(tmp_path):
+    workdir = str(tmp_path)
+    records.check_stored_config(synthetic.get_config(), workdir, "cmd")
+    cells = {
+        plan.Cell("random", "tr1", "c1", 0): [0.5, 0.5, 0.5],
+        plan.Cell("GD+LR", "tr1", "c1", 0): [0.7, 0.7, 0.7],
+        plan.Cell("mixup", "tr1", "c1", 0): [0.6, 0.6, 0.6],
+        plan.Cell("GD+LR+mixup", "tr1", "c1", 0): [0.8, 0.8, 0.8],
+        plan.Cell("random", "trall", "c1", 0): [0.9, 0.9, 0.9],
+    }
+    for cell, dice in cells.items():
+        _write_cell(workdir, cell, {"044": dice})
+
+    results = report.write_report(workdir, dataset="synthetic", command="cmd", commit="abc")
+
+    assert len(results) == 5
+    markdown = (tmp_path / report.MARKDOWN_FILE).read_text()
+    assert "| Proposed init. + mixup | **0.800 ± 0.000** |" in markdown
+    assert "| Benchmark (random init., all labelled) | 0.900 ± 0.000 |" in markdown
+    # One pair per comparison: no interval, and the report says how to get more pairs.
+    assert "| 6 | G^D + L^R + mixup vs mixup | 1 | +0.200 | – | 1 | 1/1 | inconclusive |" in (
+        markdown
+    )
+    assert "`--config.sweep.seeds=0,1,2`" in markdown
+    assert (tmp_path / report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (tmp_path / report.CSV_FILE).read_text().splitlines()
+    assert [row.split(",")[:2] for row in rows if not row.startswith("#")][1:] == [
+        ["random", "1"],
+        ["random", "all"],
+        ["GD+LR", "1"],
+        ["mixup", "1"],
+        ["GD+LR+mixup", "1"],
+    ]
