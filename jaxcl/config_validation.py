@@ -7,16 +7,23 @@ or pre-training. The sections of the stages in `config.stages` are checked (thei
 `num_devices`), and the data, model and augment sections that every stage uses.
 
 The rules stay where they live: the checks call the functions that would raise later
-(`methods.batch_recipe`, `Splits.get`, `local.region_positions`, `augment.AugmentConfig`,
-...) and turn their ValueError into an entry; written here are only the checks that otherwise
-fail inside a stage (batches that do not split over the devices, a missing export folder).
+(`methods.batch_recipe`, `Splits.get`, `augment.AugmentConfig`, ...), compare with the tables of
+the code that reads a key (`parts.DTYPES`, `local.NEGATIVES`, `tfds.FRAME_DATASETS`, ...) and
+turn a ValueError into an entry. Whether a pre-training stage can be built at the configured image
+size, filters and decoder blocks (the local regions on the decoder's feature map, ...) is asked
+of the method's builder itself: under `jax.eval_shape` the stage is built and its loss taken on
+a batch of shapes, so nothing is computed or compiled. Written here are only the checks that
+otherwise fail inside a stage (batches that do not split over the devices, a missing export
+folder).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -24,33 +31,34 @@ import ml_collections
 from jaxcl import augment, files, methods
 from jaxcl.data import sources
 from jaxcl.data import splits as dataset_splits
+from jaxcl.data import tfds as volumes_tfds
 from jaxcl.data.orientation import SLICE_AXES
 from jaxcl.data.splits import Splits
 from jaxcl.losses import local
-from jaxcl.methods import local_contrastive
+from jaxcl.methods import abstract, parts, self_training
 from jaxcl.models import unet
 from jaxcl.train import parallel, schedules
 
-# The stages in the order they run; each later one loads what an earlier one exports.
-STAGES = ("pretrain_global", "pretrain_local", "finetune", "evaluate")
-MODEL_DTYPES = ("float32", "bfloat16")
-NEGATIVES = ("all", "paper")
-# Keys that must be > 0 (with an example value), and those of the pre-training / fine-tuning
-# stages (a stage's keys are checked when it is in config.stages).
+# Keys that must be > 0 (with an example value): general ones, the model's, and those of the
+# pre-training / fine-tuning stages (a stage's keys are checked when it is in config.stages).
 _POSITIVE = {
     "log_every": "e.g. 50 steps",
     "checkpoint_every": "e.g. 500 steps",
     "data.target_resolution": "in mm, e.g. 1.5",
     "data.n_partitions": "the paper uses 4",
     "data.eval_chunk_size": "e.g. 16 slices",
+}
+_MODEL_POSITIVE = {
     "model.global_hidden_features": "the paper uses 1024",
     "model.embedding_features": "the paper uses 128",
 }
 _STAGE_POSITIVE = {"steps": "e.g. 10000", "learning_rate": "the paper uses 1e-3"}
 _FINETUNE_POSITIVE = {**_STAGE_POSITIVE, "val_every": "e.g. 50 steps", "batch_size": "e.g. 20"}
 _CONTRASTIVE_POSITIVE = {"temperature": "the paper uses 0.1"}
-_FRAME_DATASETS = ("acdc", "synthetic")  # datasets with a cardiac phase (config.data.frame)
-_SOURCES = {"encoder_from": "pretrain_global", "decoder_from": "pretrain_local"}
+# The values `jaxcl.losses.local` knows for these settings of a method (`Method.settings`).
+_CHOICES = {"positions": local.POSITION_KINDS, "negatives": local.NEGATIVES}
+# The ids of every pre-training batch besides its images (`jaxcl.data.pipeline`).
+_SOURCES = {"encoder_from": methods.GLOBAL_STAGE, "decoder_from": methods.LOCAL_STAGE}
 
 
 class ConfigError(ValueError):
@@ -78,9 +86,11 @@ def _raised(check: Callable[[], object]) -> str | None:
     return None
 
 
-def _entry(key: str, value: Any, message: str) -> str:
+def _entry(key: str, value: Any, message: str, context: str = "") -> str:
     """A reused function's message as an entry (kept as is when it already names its key)."""
-    return message if message.startswith("config.") else f"config.{key}={value!r}: {message}"
+    if message.startswith("config."):
+        return message
+    return f"config.{key}={value!r}: {context}{message}"
 
 
 def _positive(
@@ -125,23 +135,31 @@ def _fits_unet(image_size: Any) -> bool:
     return isinstance(image_size, int) and image_size > 0 and image_size % unet.INPUT_MULTIPLE == 0
 
 
-def _general_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
+def _general_problems(
+    config: ml_collections.ConfigDict, stage_order: tuple[str, ...] | None
+) -> Iterator[str]:
     stages = tuple(config.stages)
-    if unknown := [name for name in stages if name not in STAGES]:
-        yield _problem("stages", stages, f"unknown stages {unknown}", f"choose from {STAGES}")
-    known = [name for name in stages if name in STAGES]
-    if known != sorted(set(known), key=STAGES.index):
-        yield _problem(
-            "stages",
-            stages,
-            "stages run in the given order and a later stage loads what an earlier one exports",
-            f"list each once in the order {STAGES}",
-        )
+    if stage_order is not None:
+        yield from _stage_order_problems(stages, stage_order)
     if not isinstance(config.seed, int) or config.seed < 0:
         yield _problem("seed", config.seed, "batch generators need a non-negative seed", "use 0")
     if config.parallel.mode not in parallel.MODES:
         yield _problem("parallel.mode", config.parallel.mode, "unknown", f"use {parallel.MODES}")
     yield from _positive(config, _POSITIVE)
+
+
+def _stage_order_problems(stages: tuple[str, ...], stage_order: tuple[str, ...]) -> Iterator[str]:
+    """`stages` must be known and listed once each in `stage_order`, the order they run in."""
+    if unknown := [name for name in stages if name not in stage_order]:
+        yield _problem("stages", stages, f"unknown stages {unknown}", f"choose from {stage_order}")
+    known = [name for name in stages if name in stage_order]
+    if known != sorted(set(known), key=stage_order.index):
+        yield _problem(
+            "stages",
+            stages,
+            "stages run in the given order and a later stage loads what an earlier one exports",
+            f"list each once in the order {stage_order}",
+        )
 
 
 def _data_problems(config: ml_collections.ConfigDict, splits: Splits | None) -> Iterator[str]:
@@ -179,7 +197,8 @@ def _data_problems(config: ml_collections.ConfigDict, splits: Splits | None) -> 
         yield _entry("data.combination", data.combination, message)
     if data.dataset == "folder":
         return  # DataContext has found the folder's subjects and read its dataset.json
-    options = {"frame": data.frame} if data.dataset in _FRAME_DATASETS else {}
+    frame = data.frame if data.dataset in volumes_tfds.FRAME_DATASETS else None
+    options = volumes_tfds.layout_options(data.dataset, frame, data.channel, ())
     if message := _raised(lambda: sources.get_layout(data.dataset, None, **options)):
         yield _entry("data.frame", data.frame, message)
     elif data.dataset != "synthetic" and data.root:
@@ -211,8 +230,11 @@ def _model_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
             f"the decoder has {unet.NUM_POOLS} blocks",
             f"use 1..{unet.NUM_POOLS} (the paper uses 3)",
         )
-    if model.dtype not in MODEL_DTYPES:
-        yield _problem("model.dtype", model.dtype, "unsupported", f"use one of {MODEL_DTYPES}")
+    yield from _positive(config, _MODEL_POSITIVE)
+    if model.dtype not in parts.DTYPES:
+        yield _problem(
+            "model.dtype", model.dtype, "unsupported", f"use one of {list(parts.DTYPES)}"
+        )
     defaults = {field.name: field.default for field in dataclasses.fields(augment.AugmentConfig)}
     overrides = config.augment.to_dict()
     for key, value in sorted(overrides.items()):
@@ -232,7 +254,7 @@ def _pretraining_problems(
     devices: str,
     pool_volumes: int | None,
 ) -> Iterator[str]:
-    """Strategy, batch over the devices (at most `pool_volumes`), loss, region positions."""
+    """Strategy, batch over the devices (at most `pool_volumes`), loss settings."""
     cfg = config[stage]
     yield from _positive(config, _STAGE_POSITIVE, f"{stage}.")
     yield from _source_problems(config, stage)
@@ -267,31 +289,50 @@ def _pretraining_problems(
         message := _raised(lambda: schedules.byol_tau(0, 1, cfg.tau_base))
     ):
         yield _entry(f"{stage}.tau_base", cfg.tau_base, message)
-    if "positions" in method.settings:
-        yield from _region_problems(config)
+    for setting, choices in _CHOICES.items():
+        if setting in method.settings and cfg[setting] not in choices:
+            yield _problem(f"{stage}.{setting}", cfg[setting], "unknown", f"use {choices}")
 
 
-def _region_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
-    cfg = config.pretrain_local
-    blocks, size = config.model.num_decoder_blocks, config.data.image_size
-    if cfg.negatives not in NEGATIVES:
-        yield _problem("pretrain_local.negatives", cfg.negatives, "unknown", f"use {NEGATIVES}")
-    elif cfg.negatives == "paper" and cfg.positions != "paper":
-        yield _problem(
-            "pretrain_local.negatives",
-            cfg.negatives,
-            "the paper's negatives are defined on the 17 paper positions",
-            "use negatives='all' or positions='paper'",
-        )
-    if blocks not in range(1, unet.NUM_POOLS + 1) or not _fits_unet(size):
-        return  # reported with the model and data sections
-    feature_size = local_contrastive.feature_size(size, blocks)
-    if message := _raised(
-        lambda: local.region_positions(feature_size, cfg.positions, cfg.grid_size)
-    ):
-        key = "grid_size" if cfg.positions == "grid" else "positions"
-        context = f"(a {feature_size}x{feature_size} map after {blocks} decoder blocks) "
-        yield _entry(f"pretrain_local.{key}", cfg[key], context + message)
+def _build_problems(
+    config: ml_collections.ConfigDict, stage: str, num_devices: int, pool_volumes: int | None
+) -> Iterator[str]:
+    """What the builder of `stage` raises, as an entry of the setting its message names first
+    (the strategy when it names none). Its other checks passed: the batch splits."""
+    cfg = config[stage]
+    recipe = methods.batch_recipe(cfg, stage, pool_volumes)
+    message = _raised(lambda: abstract.trace_stage(config, stage, recipe, num_devices))
+    if message is None:
+        return
+    setting = _named_setting(message, methods.get(cfg.strategy, stage).settings) or "strategy"
+    where = (
+        f"{cfg.strategy} with data.image_size={config.data.image_size}, "
+        f"model.num_decoder_blocks={config.model.num_decoder_blocks}: "
+    )
+    yield _entry(f"{stage}.{setting}", cfg[setting], message, where)
+
+
+def _named_setting(message: str, settings: Iterable[str]) -> str | None:
+    """The setting `message` names first, as a word (`grid_size` in "... got grid_size=1"), or
+    None."""
+    named = {
+        match.start(): setting
+        for setting in settings
+        if (match := re.search(rf"\b{re.escape(setting)}\b", message))
+    }
+    return named[min(named)] if named else None
+
+
+def _buildable(config: ml_collections.ConfigDict, model_problems: Sequence[str]) -> bool:
+    """Whether the settings every builder reads (model, augment, image size, partitions) are
+    valid; otherwise they are reported and building would only repeat them."""
+    partitions = config.data.n_partitions
+    return (
+        not model_problems
+        and _fits_unet(config.data.image_size)
+        and isinstance(partitions, int)
+        and partitions > 0
+    )
 
 
 def _source_problems(config: ml_collections.ConfigDict, stage: str) -> Iterator[str]:
@@ -307,15 +348,66 @@ def _source_problems(config: ml_collections.ConfigDict, stage: str) -> Iterator[
             )
 
 
-def _fine_tuning_problems(config: ml_collections.ConfigDict) -> Iterator[str]:
-    method = config.finetune.method
+def _fine_tuning_problems(
+    config: ml_collections.ConfigDict, num_devices: int, splits: Splits | None
+) -> Iterator[str]:
+    """The method's settings, its batch over the devices, and the unlabelled volumes it reads."""
+    cfg = config.finetune
     try:
-        fine_tuning = methods.fine_tuning(method)
+        fine_tuning = methods.fine_tuning(cfg.method)
     except ValueError as error:
-        yield _entry("finetune.method", method, str(error))
+        yield _entry("finetune.method", cfg.method, str(error))
         return
-    if "mixup_alpha" in fine_tuning.settings:
+    settings = fine_tuning.settings
+    if "mixup_alpha" in settings:
         yield from _positive(config, {"mixup_alpha": "the paper uses 0.1"}, "finetune.")
+    if "self_training_rounds" in settings and (
+        not isinstance(cfg.self_training_rounds, int) or cfg.self_training_rounds < 1
+    ):
+        yield _problem(
+            "finetune.self_training_rounds",
+            cfg.self_training_rounds,
+            "self-training needs at least one round of pseudo-labels",
+            "the paper's comparison uses 3",
+        )
+    split = functools.partial(
+        self_training.batch_split, cfg.batch_size, cfg.pseudo_label_fraction, num_devices
+    )
+    if "pseudo_label_fraction" in settings and (message := _raised(split)):
+        yield _entry("finetune.pseudo_label_fraction", cfg.pseudo_label_fraction, message)
+    if "adversarial_weight" in settings and not (
+        isinstance(cfg.adversarial_weight, int | float) and cfg.adversarial_weight >= 0
+    ):
+        yield _problem(
+            "finetune.adversarial_weight",
+            cfg.adversarial_weight,
+            "the adversarial term's weight must be 0 or more",
+            "e.g. 0.1",
+        )
+    if "adversarial_rampup" in settings and not (
+        isinstance(cfg.adversarial_rampup, int | float) and 0 <= cfg.adversarial_rampup <= 1
+    ):
+        yield _problem(
+            "finetune.adversarial_rampup",
+            cfg.adversarial_rampup,
+            "the ramp-up is a fraction of the fine-tuning steps",
+            "use a value in [0, 1], e.g. 0.4",
+        )
+    if fine_tuning.uses_unlabelled and splits is not None:
+        labelled_set = f"{config.data.labelled_set}-{config.data.combination}"
+        if _raised(lambda: splits.get(config.data.labelled_set, config.data.combination)):
+            return  # reported with the data section
+        used = set(splits.get(config.data.labelled_set, config.data.combination))
+        used |= set(splits.val(labelled_set))
+        if not set(splits.pretrain) - used:
+            yield _problem(
+                "finetune.method",
+                cfg.method,
+                f"it reads unlabelled volumes, but every pre-training volume is in {labelled_set} "
+                "or its validation set",
+                "add unlabelled images (a folder's imagesTs/ or config.data.unlabelled_roots) or "
+                "use a supervised fine-tuning",
+            )
 
 
 def validate(
@@ -324,31 +416,42 @@ def validate(
     num_devices: int,
     num_processes: int = 1,
     splits: Splits | None = None,
+    stage_order: Iterable[str] | None = None,
 ) -> None:
     """Raises ConfigError listing every impossible value of `config`; loads no data.
 
     Args:
       config: a run's config (`configs/<dataset>.py` with its overrides), its data settings
         resolved (`jaxcl.data.context.DataContext.config`).
-      splits: the run's splits (`DataContext.splits`); None: the paper's splits of the dataset.
       num_devices: all devices of the run (`jax.device_count()`): every global batch is split
         into this many equal parts of whole slices / volumes / volume pairs.
       num_processes: processes of the run (`jax.process_count()`), named in the messages.
+      splits: the run's splits (`DataContext.splits`); None: the paper's splits of the dataset.
+      stage_order: the stages the trainer runs, in their order (`jaxcl.train.trainer.STAGES`):
+        `config.stages` must name them, each once, in this order. None: not checked.
     """
     devices = f"{num_devices} devices"
     if num_processes > 1:
         devices += f" ({num_processes} processes x {num_devices // num_processes} local)"
+    order = None if stage_order is None else tuple(stage_order)
+    model_problems = list(_model_problems(config))
     problems = [
-        *_general_problems(config),
+        *_general_problems(config, order),
         *_data_problems(config, splits),
-        *_model_problems(config),
+        *model_problems,
     ]
     if splits is None and dataset_splits.has_paper_splits(config.data.dataset):
         splits = dataset_splits.paper_splits(config.data.dataset)
     pool_volumes = len(splits.pretrain) if splits is not None else None
-    for stage in ("pretrain_global", "pretrain_local"):
-        if stage in config.stages:
-            problems += _pretraining_problems(config, stage, num_devices, devices, pool_volumes)
+    for stage in (methods.GLOBAL_STAGE, methods.LOCAL_STAGE):
+        if stage not in config.stages:
+            continue
+        stage_problems = list(
+            _pretraining_problems(config, stage, num_devices, devices, pool_volumes)
+        )
+        if not stage_problems and _buildable(config, model_problems):
+            stage_problems += _build_problems(config, stage, num_devices, pool_volumes)
+        problems += stage_problems
     if "finetune" in config.stages:
         batch = config.finetune.batch_size
         problems += _positive(config, _FINETUNE_POSITIVE, "finetune.")
@@ -357,6 +460,6 @@ def validate(
                 "finetune.batch_size", batch, batch, "slices", num_devices, devices
             )
         problems += _source_problems(config, "finetune")
-        problems += _fine_tuning_problems(config)
+        problems += _fine_tuning_problems(config, num_devices, splits)
     if problems:
         raise ConfigError(problems)

@@ -1,19 +1,24 @@
 """`config_validation.validate`: every impossible value is listed, with its key and its fix.
 
-The expected values (nearest batch sizes, valid names, pool sizes) are worked out by hand from the
-paper's batches (docs/METHOD.md §7), the splits (§10, §12) and the UNet's 5 poolings (§1).
+The expected values (nearest batch sizes, valid names, pool sizes, feature map sides) are worked
+out by hand from the paper's batches (docs/METHOD.md §7), the splits (§10, §12) and the UNet's 5
+poolings (§1).
 """
 
+import dataclasses
 import functools
 import importlib
 import pathlib
 import re
+import types
 
+import jax
 import pytest
 
-from jaxcl import config_validation
+from jaxcl import config_validation, methods
 from jaxcl.config_validation import ConfigError
 from jaxcl.data import splits
+from jaxcl.train import trainer
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATASETS = ("synthetic", "acdc", "prostate", "mmwhs")
@@ -53,9 +58,14 @@ def _set(config, key: str, value) -> None:
     setattr(functools.reduce(getattr, parents, config), name, value)
 
 
+def _validate(config, **options) -> None:
+    """`validate` as the trainer calls it: with the trainer's stages, in their order."""
+    config_validation.validate(config, stage_order=trainer.STAGES, **options)
+
+
 def _problems(config, num_devices: int = 1, num_processes: int = 1) -> tuple[str, ...]:
     with pytest.raises(ConfigError) as raised:
-        config_validation.validate(config, num_devices=num_devices, num_processes=num_processes)
+        _validate(config, num_devices=num_devices, num_processes=num_processes)
     return raised.value.problems
 
 
@@ -68,7 +78,7 @@ def _only_problem(config, num_devices: int = 1) -> str:
 @pytest.mark.parametrize("arg", [None, "quick"])
 @pytest.mark.parametrize("name", DATASETS)
 def test_shipped_configs_are_valid_on_one_device(load_config, name, arg):
-    config_validation.validate(load_config(name, arg), num_devices=1)
+    _validate(load_config(name, arg), num_devices=1)
 
 
 @pytest.mark.parametrize("arg", [None, "quick"])
@@ -95,7 +105,7 @@ def test_shipped_configs_on_eight_devices(load_config, name, arg):
     config.pretrain_global.num_volumes = 8
     config.pretrain_local.num_slices = 16
     config.finetune.batch_size = 16
-    config_validation.validate(config, num_devices=8, num_processes=2)
+    _validate(config, num_devices=8, num_processes=2)
 
 
 def test_real_dataset_without_root_is_reported_for_evaluation(load_config):
@@ -105,7 +115,7 @@ def test_real_dataset_without_root_is_reported_for_evaluation(load_config):
     assert problem.startswith("config.data.root='': ")
     assert "Task05_Prostate" in problem and "medicaldecathlon.com" in problem
     config.stages = ("pretrain_global", "pretrain_local", "finetune")  # no evaluation: not needed
-    config_validation.validate(config, num_devices=1)
+    _validate(config, num_devices=1)
 
 
 def test_missing_dataset_root_is_reported(load_config, tmp_path):
@@ -133,7 +143,7 @@ BAD_VALUES = [
         ("finetune", "pretrain_global"),
         ["config.stages=('finetune', 'pretrain_global')", "in the order ('pretrain_global',"],
     ),
-    ("data.labelled_set", "tr3", ["config.data.labelled_set='tr3'", "['tr1', 'tr2', 'tr8']"]),
+    ("data.labelled_set", "tr3", ["config.data.labelled_set='tr3'", "['tr1', 'tr2', 'tr8'"]),
     ("data.dataset", "brats", ["config.data.dataset='brats'", "'mmwhs'", "'synthetic'"]),
     ("data.frame", "XX", ["config.data.frame='XX'", "'ED' or 'ES'"]),
     ("pretrain_global.steps", 0, ["config.pretrain_global.steps=0", "must be positive"]),
@@ -147,11 +157,16 @@ BAD_VALUES = [
     ("model.num_decoder_blocks", 6, ["config.model.num_decoder_blocks=6", "1..5"]),
     ("model.filters", (8, 8), ["config.model.filters=(8, 8)", "6 positive channel counts"]),
     ("model.embedding_features", 0, ["config.model.embedding_features=0", "128"]),
-    # quick: 64² images, l = 3 decoder blocks -> a 16x16 map, grid_size in 2..14.
+    # quick: 64² images, l = 3 decoder blocks -> a 16x16 map, grid_size in 2..14 (the builder's
+    # region_positions says so).
     (
         "pretrain_local.positions",
         "grid",
-        ["config.pretrain_local.grid_size=None", "16x16 map", "grid_size <= feature_size - 2 = 14"],
+        [
+            "config.pretrain_local.grid_size=None",
+            "LR with data.image_size=64, model.num_decoder_blocks=3",
+            "grid_size <= feature_size - 2 = 14",
+        ],
     ),
     ("pretrain_local.positions", "dense", ["config.pretrain_local.positions='dense'", "'grid'"]),
     ("pretrain_local.negatives", "some", ["config.pretrain_local.negatives='some'", "'paper'"]),
@@ -223,7 +238,7 @@ def test_missing_export_folder(load_config, tmp_path):
     ]
     assert all("no such folder" in p and "''" in p for p in problems)
     (tmp_path / "run" / "pretrain_global" / "export").mkdir(parents=True)
-    config_validation.validate(config, num_devices=1)
+    _validate(config, num_devices=1)
 
 
 def test_byol_checks(load_config):
@@ -238,7 +253,7 @@ def test_byol_checks(load_config):
     problem = _only_problem(config)
     assert problem.startswith("config.pretrain_global.tau_base=1.5: ") and "[0, 1]" in problem
     config.pretrain_global.tau_base = 0.99
-    config_validation.validate(config, num_devices=3)  # 3 pairs over 3 devices
+    _validate(config, num_devices=3)  # 3 pairs over 3 devices
     # On 2 devices the pairs need a multiple of 2 x 2 volumes: 4 or 8 around 6.
     problem = _only_problem(config, num_devices=2)
     assert "config.pretrain_global.num_volumes=None: 6 volumes" in problem
@@ -260,10 +275,10 @@ def test_a_folder_is_checked_against_its_own_splits(load_config):
     folder = splits.Splits(
         pretrain=("a", "b"), test=("c",), labelled={"tr1": {"c1": ("a",)}}, default_val=("b",)
     )
-    config_validation.validate(config, num_devices=1, splits=folder)
+    _validate(config, num_devices=1, splits=folder)
     config.data.labelled_set = "tr2"
     with pytest.raises(ConfigError, match=r"config.data.labelled_set='tr2': unknown; use one of"):
-        config_validation.validate(config, num_devices=1, splits=folder)
+        _validate(config, num_devices=1, splits=folder)
 
 
 def test_processes_are_named(load_config):
@@ -287,7 +302,7 @@ def test_sections_of_stages_not_run_are_not_checked(load_config):
     config.stages = ("finetune", "evaluate")
     config.pretrain_global.strategy = "XX"
     config.pretrain_local.temperature = 0.0
-    config_validation.validate(config, num_devices=1)
+    _validate(config, num_devices=1)
 
 
 def test_all_problems_are_listed_at_once(load_config):
@@ -315,3 +330,107 @@ def test_all_problems_are_listed_at_once(load_config):
     assert message.startswith("the config has 7 invalid value(s)")
     assert all(f"\n  - {problem}" in message for problem in problems)
     assert isinstance(ConfigError(problems), ValueError)
+
+
+def test_the_stages_are_checked_against_the_given_order(load_config):
+    """The validator has no list of stages: it checks config.stages against the one it is given."""
+    config = load_config("synthetic", "quick")
+    config.stages = ("finetune", "evaluate")
+    config_validation.validate(config, num_devices=1, stage_order=("finetune", "evaluate"))
+    config.stages = ("pretrain_global", "finetune")
+    with pytest.raises(ConfigError, match=r"unknown stages \['pretrain_global'\]"):
+        config_validation.validate(config, num_devices=1, stage_order=("finetune", "evaluate"))
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_every_method_builds_abstractly(load_config, name):
+    """Each builder builds its stage and runs its loss on a batch of shapes (quick config)."""
+    config = load_config("synthetic", "quick")
+    stage = methods.METHODS[name].stage
+    config.stages = (stage,)
+    config[stage].strategy = name
+    _validate(config, num_devices=1)
+
+
+# quick: 64² images; after l decoder blocks the map has 64 / 2^(5 - l) pixels a side: 4 for l = 1.
+@pytest.mark.parametrize(
+    "positions, grid_size, expected",
+    [
+        ("paper", None, ["config.pretrain_local.positions='paper'", "feature_size=4"]),
+        ("grid", 3, ["config.pretrain_local.grid_size=3", "feature_size - 2 = 2"]),
+    ],
+)
+def test_regions_that_do_not_fit_the_feature_map(load_config, positions, grid_size, expected):
+    config = load_config("synthetic", "quick")
+    config.model.num_decoder_blocks = 1
+    config.pretrain_local.positions = positions
+    config.pretrain_local.grid_size = grid_size
+    problem = _only_problem(config)
+    assert problem.startswith(expected[0]), problem
+    assert "LR with data.image_size=64, model.num_decoder_blocks=1: region_positions: " in problem
+    assert expected[1] in problem
+    config.pretrain_local.positions, config.pretrain_local.grid_size = "grid", 2  # 2 <= 4 - 2
+    _validate(config, num_devices=1)
+
+
+def test_the_papers_negatives_need_the_papers_positions(load_config):
+    """The loss's own rule, found by running it on the built stage's outputs."""
+    config = load_config("synthetic", "quick")
+    config.pretrain_local.negatives = "paper"
+    config.pretrain_local.positions = "grid"
+    config.pretrain_local.grid_size = 4
+    problem = _only_problem(config)
+    assert problem.startswith("config.pretrain_local.negatives='paper': "), problem
+    assert "needs the 17 paper positions" in problem and "got 16 positions" in problem
+
+
+def _with_builder(monkeypatch, name: str, build) -> None:
+    """Replaces the builder of method `name` in the registry `jaxcl.methods` reads."""
+    method = dataclasses.replace(methods.METHODS[name], build=build)
+    monkeypatch.setattr(
+        methods, "METHODS", types.MappingProxyType({**methods.METHODS, name: method})
+    )
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (
+            ValueError("the encoder needs more filters"),
+            "config.pretrain_global.strategy='GD': GD with data.image_size=64, "
+            "model.num_decoder_blocks=3: the encoder needs more filters",
+        ),
+        (
+            TypeError("temperature=0.1 needs learning_rate >= 1"),
+            "config.pretrain_global.temperature=0.1: GD with data.image_size=64, "
+            "model.num_decoder_blocks=3: temperature=0.1 needs learning_rate >= 1",
+        ),
+        (  # a message that names its key is kept as it is
+            ValueError("config.model.filters=(8, 16): too few for GD."),
+            "config.model.filters=(8, 16): too few for GD.",
+        ),
+    ],
+)
+def test_what_the_builder_raises_is_an_entry(load_config, monkeypatch, error, expected):
+    """The validator asks the builder: what it raises is listed under the setting of its stage
+    that the message names first, or under the strategy when it names none."""
+
+    def build(inputs):
+        raise error
+
+    _with_builder(monkeypatch, "GD", build)
+    assert _only_problem(load_config("synthetic", "quick")) == expected
+
+
+def test_the_build_is_abstract(load_config, monkeypatch):
+    """The builder runs under jax.eval_shape: its key is a tracer, nothing is computed."""
+    real_build = methods.METHODS["LR"].build
+    keys = []
+
+    def build(inputs):
+        keys.append(inputs.key)
+        return real_build(inputs)
+
+    _with_builder(monkeypatch, "LR", build)
+    _validate(load_config("synthetic", "quick"), num_devices=1)
+    assert len(keys) == 1 and isinstance(keys[0], jax.core.Tracer)

@@ -57,6 +57,8 @@ from jaxcl.data import preprocess
 from jaxcl.data.sources import DataError
 
 Batch = dict[str, np.ndarray]
+# The int32 (B,) fields of every batch besides "image" (and "label" for fine-tuning).
+ID_FIELDS = ("sample_id", "partition_id", "volume_id", "view_id")
 # A planner maps a step's random generator to (U, V) pool indices: U units of V views each.
 Planner = Callable[[np.random.Generator], np.ndarray]
 

@@ -66,7 +66,9 @@ PAPER_NEGATIVE_POSITIONS = tuple(
 # Group of a view per local strategy, and whether one group may span data-parallel devices
 # (a partition does: every device holds slices of every partition; a slice does not).
 _LOCAL_STRATEGIES = types.MappingProxyType({"LR": ("sample", False), "LD": ("partition", True)})
-_NEGATIVE_MODES = ("all", "paper")
+# The region layouts (`region_positions` kind) and negatives of `local_loss`.
+POSITION_KINDS = ("paper", "grid")
+NEGATIVES = ("all", "paper")
 
 
 def region_positions(
@@ -107,7 +109,7 @@ def region_positions(
         origins = np.arange(grid_size) * (feature_size - 3) // (grid_size - 1)
         rows, cols = np.meshgrid(origins, origins, indexing="ij")
         return np.stack([rows.ravel(), cols.ravel()], axis=-1).astype(np.int32)
-    raise ValueError(f"region_positions: unknown kind {kind!r}; valid kinds are 'paper', 'grid'.")
+    raise ValueError(f"region_positions: unknown kind {kind!r}; valid kinds are {POSITION_KINDS}.")
 
 
 def _negative_position_mask(negatives: str, num_anchors: int, num_positions: int) -> np.ndarray:
@@ -121,8 +123,8 @@ def _negative_position_mask(negatives: str, num_anchors: int, num_positions: int
 
 
 def _resolve_num_anchors(negatives: str, num_anchors: int | None, num_positions: int) -> int:
-    if negatives not in _NEGATIVE_MODES:
-        raise ValueError(f"local_loss: unknown negatives={negatives!r}; valid: {_NEGATIVE_MODES}.")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"local_loss: unknown negatives={negatives!r}; valid: {NEGATIVES}.")
     if negatives == "paper":
         if num_positions != len(PAPER_POSITION_NAMES) or num_anchors not in (None, 13):
             raise ValueError(

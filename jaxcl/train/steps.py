@@ -351,10 +351,15 @@ def init_variables(model: nn.Module, rng: jax.Array, example_input: jax.Array) -
     On CPU the initialiser is compiled without backend optimisations: LLVM spends ~30 s
     optimising the unrolled threefry rounds of the full-size UNet's ~60 initialisers, for a
     function that runs once (3-5 s at -O0, same values up to float32 rounding of the last bit).
+    Under a trace (`jax.eval_shape` in `jaxcl.config_validation`) it is traced, not compiled.
     """
-    init = jax.jit(functools.partial(model.init, train=False)).lower(rng, example_input)
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
-    variables = init.compile(compiler_options=options)(rng, example_input)
+    init = functools.partial(model.init, train=False)
+    if isinstance(rng, jax.core.Tracer):
+        variables = init(rng, example_input)
+    else:
+        options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+        lowered = jax.jit(init).lower(rng, example_input)
+        variables = lowered.compile(compiler_options=options)(rng, example_input)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 

@@ -449,6 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         splits=data.splits,
         num_devices=jax.device_count(),
         num_processes=jax.process_count(),
+        stage_order=tuple(STAGES),
     )
     data.write_splits(workdir)
     summaries = {}

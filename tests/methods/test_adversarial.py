@@ -8,6 +8,8 @@ import numpy as np
 import optax
 import pytest
 
+from configs import synthetic
+from jaxcl import config_validation
 from jaxcl.augment import AugmentConfig
 from jaxcl.methods import adversarial
 from jaxcl.models.discriminator import SegmentationDiscriminator
@@ -124,3 +126,17 @@ def test_four_devices_equal_one_device_on_the_global_batch():
             assert np.linalg.norm(want - start) > 0, f"{network} was not updated"
             assert error <= tolerance * np.linalg.norm(want - start), network
     assert int(states[1].step) == 2 == int(states[1].discriminator.step)
+
+
+def test_bad_settings_are_reported_before_any_work():
+    config = synthetic.get_config("quick")
+    config.stages = ("finetune", "evaluate")
+    config.finetune.method = "adversarial"
+    config_validation.validate(config, num_devices=1)
+    config.finetune.adversarial_weight = -1.0
+    config.finetune.adversarial_rampup = 2.0
+    with pytest.raises(config_validation.ConfigError) as error:
+        config_validation.validate(config, num_devices=1)
+    problems = "\n".join(error.value.problems)
+    assert "config.finetune.adversarial_weight=-1.0: the adversarial term's weight" in problems
+    assert "config.finetune.adversarial_rampup=2.0: the ramp-up is a fraction" in problems

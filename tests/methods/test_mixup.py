@@ -68,7 +68,10 @@ def test_fine_tuning_methods_in_the_config():
     config.finetune.method = "cutmix"
     config.finetune.mixup_alpha = 0.0
     problems = "\n".join(_problems(config))
-    assert "config.finetune.method='cutmix' is not one of ('supervised', 'mixup', 'self-training', " in problems
+    assert (
+        "config.finetune.method='cutmix' is not one of ('supervised', 'mixup', 'self-training', "
+        in problems
+    )
     config.finetune.method = "mixup"
     assert "config.finetune.mixup_alpha=0.0: must be positive" in "\n".join(_problems(config))
     assert methods.fine_tuning("supervised").settings == ()

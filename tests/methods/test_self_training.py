@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from configs import synthetic
+from jaxcl import config_validation
 from jaxcl.data import pipeline
 from jaxcl.methods import parts, self_training
 from jaxcl.models.unet import UNet
@@ -97,3 +98,26 @@ def test_a_later_round_trains_on_labelled_and_pseudo_labelled_slices():
     assert round_zero.batches[0]["image"].shape == (2, 4, 32, 32, 1)
     assert not hasattr(round_zero.batches, "sources")  # labelled slices only
     assert self_training.rounds(config) == 1 + config.finetune.self_training_rounds
+
+
+def _problems(config, num_devices=1):
+    try:
+        config_validation.validate(config, num_devices=num_devices)
+    except config_validation.ConfigError as error:
+        return "\n".join(error.problems)
+    return ""
+
+
+def test_bad_settings_are_reported_before_any_work():
+    config = synthetic.get_config("quick")
+    config.stages = ("finetune", "evaluate")
+    config.finetune.method = "self-training"
+    assert _problems(config) == ""
+    config.finetune.self_training_rounds = 0
+    config.finetune.pseudo_label_fraction = 0.5
+    config.finetune.batch_size = 8
+    problems = _problems(config, num_devices=8)  # one slice per device: no room for both kinds
+    assert "config.finetune.self_training_rounds=0: self-training needs at least one" in problems
+    assert "config.finetune.pseudo_label_fraction=0.5 leaves 0 of config.finetune.batch_size=8" in (
+        problems
+    )
