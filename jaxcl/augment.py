@@ -11,6 +11,9 @@ batch with one key per example:
   by a multiple of 45°, identity}, then an elastic deformation, then brightness and contrast on
   the image only.
 
+`warp` applies a given dense displacement field with the same sampling (the generated
+deformations of task-driven augmentation, docs/METHOD.md §19).
+
 Geometry is expressed as a sampling coordinate map: for every output pixel, the (row, col)
 position in the input it is read from. The affine part and the elastic field of fine-tuning are
 composed into one map and image and label are sampled once from it (image bilinear, label
@@ -243,6 +246,13 @@ def _elastic_displacement(
     return jnp.einsum("hi,cij,wj->chw", rows, control, cols)
 
 
+def _pixel_grid(shape: tuple[int, int]) -> jax.Array:
+    """(2, H, W) float32 (row, col) position of every pixel: the identity sampling map."""
+    return jnp.stack(
+        jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in shape), indexing="ij")
+    )
+
+
 def _finetune_coordinates(
     uniforms: jax.Array, elastic_key: jax.Array, shape: tuple[int, int], config: AugmentConfig
 ) -> jax.Array:
@@ -252,15 +262,37 @@ def _finetune_coordinates(
     op about the image centre c: source = M · (p + d(p) - c) + c. `uniforms`: (4,) U[0, 1)
     draws for `_geometry_matrix`.
     """
-    grid = jnp.stack(
-        jnp.meshgrid(*(jnp.arange(n, dtype=jnp.float32) for n in shape), indexing="ij")
-    )
-    displaced = grid + _elastic_displacement(
+    displaced = _pixel_grid(shape) + _elastic_displacement(
         elastic_key, shape, config.elastic_sigma, config.elastic_grid
     )
     centre = jnp.array([(n - 1) / 2 for n in shape], jnp.float32)[:, None, None]
     matrix = _geometry_matrix(uniforms, config)
     return jnp.einsum("ij,jhw->ihw", matrix, displaced - centre) + centre
+
+
+def warp(image: jax.Array, displacement: jax.Array, order: int = 1) -> jax.Array:
+    """A dense deformation: output pixel p reads `image` at p + displacement[p].
+
+    Positions are clamped to the image, so its border extends outward: a warped one-hot label
+    stays a distribution over classes at every pixel (the fine-tuning augmentation reads 0
+    outside instead). Bilinear reading (order 1) is differentiable in `displacement`, which lets
+    a network that generates the field learn through the warp (task-driven augmentation,
+    docs/METHOD.md §19).
+
+    Args:
+      image: (H, W, C) float image or class probabilities.
+      displacement: (H, W, 2) (row, col) offsets in pixels.
+      order: 1 bilinear, 0 nearest.
+
+    Returns:
+      (H, W, C) float32.
+    """
+    chex.assert_rank([image, displacement], [3, 3])
+    chex.assert_equal_shape_prefix([image, displacement], 2)
+    shape = image.shape[:2]
+    coordinates = _pixel_grid(shape) + jnp.moveaxis(displacement.astype(jnp.float32), -1, 0)
+    last = jnp.array([n - 1 for n in shape], jnp.float32)[:, None, None]
+    return _sample(image.astype(jnp.float32), jnp.clip(coordinates, 0.0, last), order)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""PNG figures: segmentation overlays of test volumes and training-curve plots.
+"""PNG figures: segmentation overlays of test volumes, augmented samples and training curves.
 
 Figures are built as `matplotlib.figure.Figure` objects (no pyplot, so no global figure state and
 no interactive backend; `Figure.savefig` renders PNGs with Agg) and written by `save_figure`,
@@ -130,6 +130,55 @@ def overlay_figure(
         Patch(facecolor=colours[c, :3], label=name) for c, name in enumerate(class_names) if c > 0
     ]
     figure.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8))
+    if title:
+        figure.suptitle(title)
+    return figure
+
+
+def augmentation_figure(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    view_names: Sequence[str],
+    num_classes: int,
+    title: str = "",
+) -> Figure:
+    """Augmented versions of a few slices: per slice a row of images and a row with labels.
+
+    Every panel of a slice shares its grey-value range (the 1st to 99.5th percentile of its
+    first view), so intensity changes stay visible.
+
+    Args:
+      images: (K, V, H, W) intensities of K slices in V versions.
+      labels: (K, V, H, W) class indices of the same.
+      view_names: (V,) column headings ("original", "deformed", ...).
+      num_classes: classes including background (overlay colours, `class_colours`).
+      title: figure title.
+    """
+    if images.shape != labels.shape or images.ndim != 4 or images.shape[1] != len(view_names):
+        raise ValueError(
+            f"augmentation_figure needs images and labels of one (K, V, H, W) shape with V = "
+            f"{len(view_names)} views; got {images.shape} and {labels.shape}."
+        )
+    num_slices, num_views = images.shape[:2]
+    colours = class_colours(num_classes)
+    panel = 2.2
+    figure = Figure(figsize=(num_views * panel, 2 * num_slices * panel + 0.6), layout="constrained")
+    axes = figure.subplots(2 * num_slices, num_views, squeeze=False)
+    for index in range(num_slices):
+        low, high = np.percentile(images[index, 0], [1.0, 99.5])
+        for view in range(num_views):
+            for row, overlay in ((2 * index, False), (2 * index + 1, True)):
+                ax = axes[row, view]
+                ax.imshow(images[index, view], cmap="gray", vmin=low, vmax=high)
+                if overlay:
+                    ax.imshow(colours[labels[index, view]])
+                ax.set_xticks([])
+                ax.set_yticks([])
+        axes[2 * index, 0].set_ylabel(f"slice {index + 1}")
+        axes[2 * index + 1, 0].set_ylabel("with label")
+    for ax, heading in zip(axes[0], view_names, strict=True):
+        ax.set_title(heading)
     if title:
         figure.suptitle(title)
     return figure

@@ -475,3 +475,47 @@ def test_runs_inside_pmap_with_one_key_per_device():
         np.testing.assert_allclose(mapped[1][device], single[1], atol=1e-5)
         np.testing.assert_array_equal(mapped[2][device], single[2])
     assert not np.allclose(mapped[0][0], mapped[0][1])
+
+
+def test_warp_moves_image_and_label_by_the_field():
+    """A constant field (0, 2) reads two columns to the right (the last column repeated at the
+    border); (0.5, 0) averages each row with the next. Labels move with the image and stay
+    distributions."""
+    rng = np.random.default_rng(0)
+    image = rng.uniform(0.0, 1.0, (8, 8, 1)).astype(np.float32)
+    label = np.zeros((8, 8), np.int32)
+    label[2:5, 3:6] = 2
+    one_hot = np.eye(3, dtype=np.float32)[label]
+    columns = np.minimum(np.arange(8) + 2, 7)
+    shift = np.broadcast_to(np.array([0.0, 2.0], np.float32), (8, 8, 2))
+    np.testing.assert_allclose(augment.warp(image, shift), image[:, columns], atol=1e-6)
+    warped = augment.warp(one_hot, shift)
+    np.testing.assert_allclose(warped, one_hot[:, columns], atol=1e-6)
+    np.testing.assert_array_equal(np.argmax(warped, -1), label[:, columns])
+    rows = np.minimum(np.arange(8) + 1, 7)
+    half = np.broadcast_to(np.array([0.5, 0.0], np.float32), (8, 8, 2))
+    np.testing.assert_allclose(
+        augment.warp(image, half), 0.5 * (image + image[rows]), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(np.sum(augment.warp(one_hot, half), -1), 1.0, rtol=1e-6)
+
+
+def test_warp_of_an_integer_field_is_a_gather_and_differentiable():
+    rng = np.random.default_rng(1)
+    image = rng.uniform(0.0, 1.0, (8, 8, 2)).astype(np.float32)
+    field = rng.integers(-3, 4, (8, 8, 2)).astype(np.float32)
+    rows, cols = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    source_rows = np.clip(rows + field[..., 0].astype(int), 0, 7)
+    source_cols = np.clip(cols + field[..., 1].astype(int), 0, 7)
+    np.testing.assert_allclose(
+        augment.warp(image, field), image[source_rows, source_cols], atol=1e-6
+    )
+    np.testing.assert_allclose(augment.warp(image, field, order=0), image[source_rows, source_cols])
+    # Pixel (3, 4) reads (3.5, 4.25): the bilinear surface's slopes there, by hand.
+    inside = np.broadcast_to(np.array([0.5, 0.25], np.float32), (8, 8, 2))
+    grad = jax.grad(lambda f: augment.warp(image, f)[3, 4, 0])(jnp.asarray(inside))
+    x = image[..., 0]
+    row_slope = 0.75 * (x[4, 4] - x[3, 4]) + 0.25 * (x[4, 5] - x[3, 5])
+    col_slope = 0.5 * (x[3, 5] - x[3, 4]) + 0.5 * (x[4, 5] - x[4, 4])
+    np.testing.assert_allclose(grad[3, 4], [row_slope, col_slope], rtol=1e-5)
+    assert np.count_nonzero(grad) == 2  # only the field at the pixel read

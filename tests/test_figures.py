@@ -71,6 +71,26 @@ def test_overlay_figure_png(tmp_path):
         )
 
 
+def test_augmentation_figure_png(tmp_path):
+    """Two slices in four versions: a grid of 4 rows (images, labels per slice) x 4 columns."""
+    rng = np.random.default_rng(0)
+    label = _rings((48, 48, 4))[..., 1:3].transpose(2, 0, 1)  # (2, 48, 48)
+    labels = np.stack([label, np.roll(label, 3, axis=1), label, np.roll(label, 3, axis=1)], 1)
+    images = 0.3 * labels + rng.normal(0.0, 0.05, labels.shape)
+    images[:, 2:] += 0.5  # the intensity-changed versions, brighter
+    figure = figures.augmentation_figure(
+        images, labels, view_names=("original", "deformed", "intensity", "both"), num_classes=4
+    )
+    path = tmp_path / "augmentation.png"
+    figures.save_figure(figure, str(path))
+    pixels = matplotlib.image.imread(str(path))
+    assert pixels.shape[0] > pixels.shape[1] > 300
+    saturation = pixels[..., :3].max(-1) - pixels[..., :3].min(-1)
+    assert np.mean(saturation > 0.2) > 0.01  # the label rows are coloured
+    with pytest.raises(ValueError, match=r"one \(K, V, H, W\) shape with V = 3 views"):
+        figures.augmentation_figure(images, labels, view_names=("a", "b", "c"), num_classes=4)
+
+
 def test_read_metrics(tmp_path):
     path = _write_jsonl(tmp_path / "m.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2}])
     assert figures.read_metrics(path) == [{"step": 1, "loss": 2.0}, {"step": 2}]

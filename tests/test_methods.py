@@ -107,6 +107,7 @@ def test_every_fine_tuning_builds_rounds_whose_step_runs(name, quick_config):
         model, jax.random.key(0), parts.example_input(config), optax.adam(1e-3)
     )
     fine_tuning = methods.fine_tuning(name)
+    initial, kept = state, []
     for round_index in range(fine_tuning.rounds(config)):
         built = fine_tuning.build(
             parts.FineTuneInputs(
@@ -119,6 +120,8 @@ def test_every_fine_tuning_builds_rounds_whose_step_runs(name, quick_config):
                 unlabelled=lambda: unlabelled,
                 local_device_count=1,
                 round_index=round_index,
+                initial=initial,
+                earlier=tuple(kept),
             )
         )
         batch = parallel.put_batch(next(iter(built.batches.iterate(0))))
@@ -126,5 +129,6 @@ def test_every_fine_tuning_builds_rounds_whose_step_runs(name, quick_config):
             parallel.put_state(built.state), batch, jax.random.key(1)
         )
         assert np.isfinite(float(np.asarray(metrics["loss"]).reshape(-1)[0]))
-        state = built.segmenter(parallel.get_state(new_state))
+        kept.append(parallel.get_state(new_state))
+        state = built.segmenter(kept[-1])
         assert set(state.params) == {"encoder", "decoder", "segmentation_head"}

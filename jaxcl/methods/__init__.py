@@ -1,4 +1,4 @@
-"""The pre-training methods and the fine-tunings, one entry each (docs/METHOD.md §4-§7, §14-§18).
+"""The pre-training methods and the fine-tunings, one entry each (docs/METHOD.md §4-§7, §14-§19).
 
 An entry is all the rest of jaxcl needs to know of a method: its name (the one name used in
 configs, in `config.sweep.inits`, in results.csv and in logs), its notation in reports, the stage
@@ -30,6 +30,7 @@ from jaxcl.methods import (
     rotation,
     self_training,
     supervised,
+    task_augmentation,
 )
 from jaxcl.methods.parts import BuildInputs, FineTuneInputs, FineTuneParts, StageParts
 from jaxcl.train import recipes
@@ -199,7 +200,8 @@ class FineTuning:
       build: `build(FineTuneInputs) -> FineTuneParts`, one round of training.
       settings: the keys of config.finetune it reads besides the batch, steps and learning rate.
       rounds: `rounds(config)` -> how many rounds the method trains, each of
-        `config.finetune.steps` steps, each starting from the best state of the one before.
+        `config.finetune.steps` steps unless its parts say otherwise (`FineTuneParts.steps`),
+        each given the best state of the one before (`FineTuneInputs.state`).
       uses_unlabelled: it reads the unlabelled pool (`FineTuneInputs.unlabelled`).
     """
 
@@ -211,6 +213,8 @@ class FineTuning:
     )
     uses_unlabelled: bool = False
 
+
+_TASK_AUG = ("task_aug_warmup", "task_aug_l1_weight")
 
 FINE_TUNINGS: Mapping[str, FineTuning] = types.MappingProxyType(
     {
@@ -230,6 +234,17 @@ FINE_TUNINGS: Mapping[str, FineTuning] = types.MappingProxyType(
                 adversarial.build,
                 ("adversarial_weight", "adversarial_rampup"),
                 uses_unlabelled=True,
+            ),
+            # Task-driven augmentation, alone and with mixup in its final round.
+            *(
+                FineTuning(
+                    name,
+                    functools.partial(task_augmentation.build, with_mixup=with_mixup),
+                    _TASK_AUG + (("mixup_alpha",) if with_mixup else ()),
+                    rounds=task_augmentation.rounds,
+                    uses_unlabelled=True,
+                )
+                for name, with_mixup in (("task-aug", False), ("task-aug-mixup", True))
             ),
         )
     }

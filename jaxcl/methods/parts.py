@@ -135,6 +135,10 @@ class FineTuneInputs:
         without the labelled and validation volumes), loaded on first call.
       local_device_count: devices of this process (batches are laid out per device).
       round_index: 0, 1, ... (`FineTuning.rounds`).
+      initial: the UNet's `TrainState` before round 0 (the transferred initialisation), for a
+        round that trains a UNet afresh.
+      earlier: the kept host state of each round before this one, in order: its best-validation
+        state (else its final one), whole (every network the round trained).
     """
 
     config: ml_collections.ConfigDict
@@ -146,6 +150,8 @@ class FineTuneInputs:
     unlabelled: Callable[[], Any]
     local_device_count: int
     round_index: int = 0
+    initial: PyTree = None
+    earlier: tuple[PyTree, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +164,9 @@ class FineTuneParts:
       batches: step-indexed batches with `iterate(start_step)` (`jaxcl.data.pipeline`).
       images_per_step: global images per step (for images/s).
       segmenter: state -> the UNet's `TrainState` (validated, exported, next round's start).
+      steps: the round's number of steps; None: `config.finetune.steps`.
+      figures: `figures(kept state) -> {file name: matplotlib Figure}`, written to
+        WORKDIR/finetune/figures/ after the round; None: no figures.
     """
 
     state: PyTree
@@ -165,3 +174,5 @@ class FineTuneParts:
     batches: Any
     images_per_step: int
     segmenter: Callable[[PyTree], PyTree] = lambda state: state
+    steps: int | None = None
+    figures: Callable[[PyTree], dict[str, Any]] | None = None

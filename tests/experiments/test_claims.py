@@ -40,6 +40,7 @@ DICE = {
     ("Rotation", "tr1"): (0.70, 0.50, 0.60),
     ("mixup", "tr1"): (0.52, 0.42, 0.62),
     ("GD+LR+mixup", "tr1"): (0.60, 0.50, 0.70),
+    ("task-aug", "tr1"): (0.50, 0.41, 0.59),
     ("random", "tr2"): (0.70, 0.60, 0.65),
     ("GR", "tr2"): (0.72, 0.63, 0.66),
     ("GD", "tr2"): (0.75, 0.66, 0.69),
@@ -129,8 +130,8 @@ def test_one_pair_has_no_interval():
 
 def test_verdicts_on_hand_made_results():
     verdicts = claims.check_claims(_results(DICE))
-    assert len(verdicts) == len(claims.CLAIMS) == 6
-    first, second, third, fourth, fifth, sixth = verdicts
+    assert len(verdicts) == len(claims.CLAIMS) == 7
+    first, second, third, fourth, fifth, sixth, seventh = verdicts
 
     # 1: GR, GD, GD+LR against random at tr1 and tr2: GR inconclusive at both.
     assert [(c.better, c.labelled_set, c.verdict) for c in first.comparisons] == [
@@ -158,6 +159,10 @@ def test_verdicts_on_hand_made_results():
         ("GD+LR+mixup", "mixup", "holds"),
     ]
     assert sixth.verdict == "holds"
+    # 7: GD+LR+mixup against Data Aug. (task-aug); GD+LR+self-training did not run.
+    assert [(c.better, c.worse, c.verdict) for c in seventh.comparisons] == [
+        ("GD+LR+mixup", "task-aug", "holds"),
+    ]
     assert fourth.verdict == "partly"
 
 
@@ -200,7 +205,7 @@ def test_gain_growing_with_labels_fails_claim_4():
 def test_claims_the_sweep_did_not_run():
     only = {key: DICE[key] for key in [("random", "tr1"), ("GD", "tr1")]}
     verdicts = claims.check_claims(_results(only))
-    assert [v.verdict for v in verdicts] == ["holds"] + ["not run"] * 5
+    assert [v.verdict for v in verdicts] == ["holds"] + ["not run"] * 6
     assert claims.check_claims([])[0].summary == "the sweep has none of the cells this claim needs"
 
 

@@ -124,8 +124,8 @@ def test_quick_sweep_shares_pretrainings_and_reports_every_cell(quick_sweep):
     assert re.search(r"\n- machine: \d+ CPU cores \(.+\), \d+ jax devices?: cpu \(jax ", markdown)
     assert f"]({report.PLOT_FILE})" in markdown
     # random, G^D and G^D + L^R on tr1-c1 with one seed: one pair per comparison, no interval,
-    # so claims 1 and 3 are inconclusive; 2 (needs G^R), 4 (two sizes), 5 and 6 (pretext tasks,
-    # semi-supervised fine-tunings) not run.
+    # so claims 1 and 3 are inconclusive; 2 (needs G^R), 4 (two sizes), 5, 6 and 7 (pretext
+    # tasks, semi-supervised fine-tunings) not run.
     claims_text = markdown.split("## The paper's claims")[1]
     verdicts = {  # the summary rows: "| 1 | claim | **verdict** | summary |"
         line.split(" | ")[0].strip("| "): line.split(" | ")[2]
@@ -139,6 +139,7 @@ def test_quick_sweep_shares_pretrainings_and_reports_every_cell(quick_sweep):
         "4": "**not run**",
         "5": "**not run**",
         "6": "**not run**",
+        "7": "**not run**",
     }
     assert "`--config.sweep.seeds=0,1,2`" in claims_text
     assert (workdir / report.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
