@@ -13,6 +13,8 @@ training (docs/DATA.md):
 automatically is logged with its reason. `write_splits` records the splits in WORKDIR/splits.json,
 which `--config.data.splits.file=WORKDIR/splits.json` reuses, and refuses a workdir whose recorded
 splits differ (the folder changed since the run began), so a resumed run never mixes splits.
+`volumes` loads preprocessed volumes; `slice_store` writes a pre-training pool too large for
+memory to disk once and opens it (`jaxcl.data.slice_store`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import os
 import ml_collections
 
 from jaxcl import files
-from jaxcl.data import fingerprint, folder_splits, preprocess, sources, splits
+from jaxcl.data import fingerprint, folder_splits, preprocess, slice_store, sources, splits
 from jaxcl.data import tfds as volumes_tfds
 from jaxcl.train import distributed
 
 SPLITS_FILE = "splits.json"
+# Part files of a slice store: contiguous ranges of the prepared data, written in parallel.
+_STORE_PARTS = 16
 
 
 def unlabelled_roots(data: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -131,22 +135,57 @@ class DataContext:
         settings: dict | None = None,
     ) -> list[preprocess.Volume]:
         """Preprocessed volumes of `subject_ids` (the run's settings, or `settings`)."""
-        data = self.config.data
         load = functools.partial(
             volumes_tfds.load_volumes,
-            self.dataset,
-            root=self.root,
-            data_dir=self.data_dir,
             subject_ids=subject_ids,
             require_labels=require_labels,
-            frame=self._frame,
-            channel=data.channel,
-            unlabelled_roots=self._unlabelled_roots,
-            **(settings or self.settings()),
+            **self._variant(settings),
         )
         # Process 0 prepares a dataset missing from a shared data_dir once; the others then read
         # it (or prepare their own copy in a data_dir on their local disk).
         return distributed.main_process_first(load, "jaxcl: volumes ready")
+
+    def _variant(self, settings: dict | None = None) -> dict:
+        """The `volumes_tfds.prepared_builder` arguments of the run's prepared data."""
+        return {
+            "dataset": self.dataset,
+            "root": self.root,
+            "data_dir": self.data_dir,
+            "frame": self._frame,
+            "channel": self.config.data.channel,
+            "unlabelled_roots": self._unlabelled_roots,
+            **(settings or self.settings()),
+        }
+
+    def _prepared(self) -> volumes_tfds.VolumesBuilder:
+        builder = functools.partial(volumes_tfds.prepared_builder, **self._variant())
+        return distributed.main_process_first(builder, "jaxcl: prepared data ready")
+
+    def pool_gigabytes(self, subject_ids: list[str]) -> float:
+        """About how much memory the preprocessed volumes of `subject_ids` take, in GB."""
+        return volumes_tfds.prepared_gigabytes(self._prepared(), len(subject_ids))
+
+    def slice_store(self, subject_ids: list[str], *, num_partitions: int) -> slice_store.SliceStore:
+        """The slices of `subject_ids` in a slice store under the data dir, built on first use.
+
+        The store is built from the prepared volumes one at a time (`slice_store.build`), by
+        process 0 first when the data dir is shared; every process then opens it.
+        """
+
+        def build() -> str:
+            builder = volumes_tfds.prepared_builder(**self._variant())
+            variant = f"{builder.builder_config.name}-{builder.version}"
+            directory = slice_store.store_dir(self.data_dir, variant, subject_ids)
+            slice_store.build(
+                directory,
+                volumes_tfds.volume_parts(builder, subject_ids, _STORE_PARTS),
+                subject_ids,
+                image_size=builder.builder_config.image_size,
+            )
+            return str(directory)
+
+        directory = distributed.main_process_first(build, "jaxcl: slice store ready")
+        return slice_store.open_store(directory, num_partitions)
 
     def subjects(self) -> list[sources.Subject]:
         return self.layout.find_subjects(self.root)

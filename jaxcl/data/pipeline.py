@@ -1,10 +1,12 @@
 """Host-side input pipeline: deterministic numpy batches for pre-training, fine-tuning, evaluation.
 
-All slices of the chosen volumes live in one contiguous ``(N, H, W)`` float32 array, a
-:class:`SlicePool`, with per-slice index tables (volume, partition). A batch is *planned* as integer
-indices into that array by a random generator derived from ``(seed, step)`` only, then *gathered*
-with ``np.take``. Nothing here augments: the views of a slice are identical copies and the device
-step augments each one with its own key (docs/METHOD.md §8).
+The slices of the chosen volumes are numbered rows ``0..N-1`` described by a :class:`SliceIndex`
+(per-slice volume and partition). A batch is *planned* as rows by a random generator derived
+from ``(seed, step)`` only, then *gathered* with the source's ``take``: a :class:`SlicePool` holds
+all slices in one contiguous ``(N, H, W)`` float32 array and gathers with ``np.take``; a
+``slice_store.SliceStore`` reads the rows from disk, for pre-training pools larger than memory
+(``streaming`` reads its steps in parallel). Nothing here augments: the views of a slice are
+identical copies and the device step augments each one with its own key (docs/METHOD.md §8).
 
 Why a numpy gather instead of tf.data: a batch is one gather from an in-memory array, which numpy
 does at memory bandwidth; the same plans gathered through tf.data (``from_generator`` +
@@ -64,21 +66,21 @@ Planner = Callable[[np.random.Generator], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
-class SlicePool:
-    """The slices of several preprocessed volumes, concatenated for fast gathering.
+class SliceIndex:
+    """Which volume and partition each slice of a pool belongs to: what batches are planned on.
+
+    A pool's slices are numbered 0..N-1 (its *rows*): each volume's slices are consecutive rows
+    in slice order, volumes in ``subject_ids`` order. A source of images adds ``take``:
+    :class:`SlicePool` holds every slice in memory, ``slice_store.SliceStore`` reads them from
+    disk (docs/DATA.md); both give the same batches.
 
     Attributes:
-      images: (N, H, W) float32, C-contiguous; each volume's slices are consecutive rows in
-        slice order, volumes in ``subject_ids`` order.
-      labels: (N, H, W) uint8 class indices, or None when any volume is unlabelled.
       subject_ids: (num_volumes,) subject id of each volume (``volume_id`` indexes it).
       slice_volume: (N,) int32 volume index of each slice.
       slice_partition: (N,) int32 partition of each slice within its volume (docs/METHOD.md §2).
       num_partitions: S, the number of partitions per volume.
     """
 
-    images: np.ndarray
-    labels: np.ndarray | None
     subject_ids: tuple[str, ...]
     slice_volume: np.ndarray
     slice_partition: np.ndarray
@@ -86,7 +88,7 @@ class SlicePool:
 
     @property
     def num_slices(self) -> int:
-        return self.images.shape[0]
+        return self.slice_volume.shape[0]
 
     @property
     def num_volumes(self) -> int:
@@ -101,6 +103,52 @@ class SlicePool:
         # partition is the number of rows with a smaller key.
         starts = np.searchsorted(keys, np.arange(size)).reshape(counts.shape)
         return starts, counts
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The images of pool rows ``rows`` (n,): (n, H, W) float32 (SlicePool, SliceStore)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no images; use a SlicePool.")
+
+
+def slice_index(
+    subject_ids: Sequence[str], slice_counts: Sequence[int], num_partitions: int
+) -> SliceIndex:
+    """The index of volumes ``subject_ids`` with ``slice_counts`` slices each, in that order.
+
+    Raises:
+      DataError: a volume with fewer slices than ``num_partitions`` (every batch carries
+        partition ids).
+    """
+    counts = np.asarray(slice_counts, dtype=np.int64)
+    short = [sid for sid, count in zip(subject_ids, counts, strict=True) if count < num_partitions]
+    if short:
+        raise DataError(
+            f"Volumes {short} have fewer slices than num_partitions={num_partitions}; remove them "
+            "from the subject list or lower num_partitions."
+        )
+    return SliceIndex(
+        subject_ids=tuple(subject_ids),
+        slice_volume=np.repeat(np.arange(len(counts), dtype=np.int32), counts),
+        slice_partition=np.concatenate(
+            [preprocess.partition_ids(int(n), num_partitions) for n in counts]
+        ).astype(np.int32),
+        num_partitions=num_partitions,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SlicePool(SliceIndex):
+    """The slices of several preprocessed volumes in memory, concatenated for fast gathering.
+
+    Attributes (besides the `SliceIndex` ones):
+      images: (N, H, W) float32, C-contiguous, row ``r`` the image of pool row ``r``.
+      labels: (N, H, W) uint8 class indices, or None when any volume is unlabelled.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return np.take(self.images, rows, axis=0)
 
 
 def build_slice_pool(
@@ -140,27 +188,16 @@ def build_slice_pool(
             f"Volumes have different in-plane shapes {sorted(shapes)}; preprocess "
             "them with one image_size."
         )
-    short = [volume.subject_id for volume in chosen if volume.image.shape[0] < num_partitions]
-    if short:
-        raise DataError(
-            f"Volumes {short} have fewer slices than num_partitions={num_partitions}; remove them "
-            "from the subject list or lower num_partitions."
-        )
+    index = slice_index(wanted, [volume.image.shape[0] for volume in chosen], num_partitions)
     unlabelled = [volume.subject_id for volume in chosen if volume.label is None]
     if require_labels and unlabelled:
         raise DataError(f"Subjects {unlabelled} have no label but a labelled pool was requested.")
 
-    counts = np.array([volume.image.shape[0] for volume in chosen], dtype=np.int64)
     labels = None if unlabelled else np.concatenate([v.label for v in chosen]).astype(np.uint8)
     return SlicePool(
+        **vars(index),
         images=np.ascontiguousarray(np.concatenate([v.image for v in chosen]), dtype=np.float32),
         labels=labels,
-        subject_ids=tuple(wanted),
-        slice_volume=np.repeat(np.arange(len(chosen), dtype=np.int32), counts),
-        slice_partition=np.concatenate(
-            [preprocess.partition_ids(int(n), num_partitions) for n in counts]
-        ).astype(np.int32),
-        num_partitions=num_partitions,
     )
 
 
@@ -175,7 +212,7 @@ class StepBatches:
 
     def __init__(
         self,
-        pool: SlicePool,
+        pool: SliceIndex,
         planner: Planner,
         *,
         seed: int,
@@ -208,7 +245,7 @@ class StepBatches:
         num_units, num_views = plan.shape
         rows = plan.reshape(-1)
         batch = {
-            "image": np.take(self.pool.images, rows, axis=0)[..., None],
+            "image": self.pool.take(rows)[..., None],
             "sample_id": rows.astype(np.int32),
             "partition_id": self.pool.slice_partition[rows],
             "volume_id": self.pool.slice_volume[rows],
@@ -288,7 +325,7 @@ def _plan_labelled(rng: np.random.Generator, *, pool_size: int, batch_size: int)
 
 
 def random_slice_batches(
-    pool: SlicePool,
+    pool: SliceIndex,
     *,
     num_slices: int,
     num_views: int,
@@ -314,7 +351,7 @@ def random_slice_batches(
 
 
 def structured_batches(
-    pool: SlicePool,
+    pool: SliceIndex,
     *,
     num_volumes: int,
     num_views: int,
@@ -339,7 +376,7 @@ def structured_batches(
 
 
 def paired_volume_batches(
-    pool: SlicePool,
+    pool: SliceIndex,
     *,
     num_pairs: int,
     seed: int,

@@ -7,7 +7,10 @@ everything the stored arrays depend on (dataset, frame, slice axis, target resol
 N4, and for the synthetic set its size, seed and generator version), so a different setting
 prepares a new copy and never reads a stale one. TFDS writes into a temporary ``*.incomplete*``
 folder and renames it only after the last example is written, so a build that fails or is killed
-midway is never mistaken for a complete one; the next call starts again from scratch.
+midway is never mistaken for a complete one; the next call starts again from scratch. Prepared
+volumes are read back one at a time: `load_volumes` keeps only the requested ones, and
+`volume_parts` streams them in parallel parts (a pre-training pool's slice store is written
+from them, `jaxcl.data.slice_store`).
 
 Sources: acdc / prostate / mmwhs / folder read a manually downloaded root (TFDS ``manual_dir``;
 ``MANUAL_DOWNLOAD_INSTRUCTIONS`` says where to get each); "synthetic" generates its NIfTI files
@@ -24,10 +27,11 @@ to the dataset root ("" when unlabelled) so evaluation can reopen the original h
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -269,7 +273,7 @@ def _to_volume(example: dict) -> tuple[preprocess.Volume, sources.Subject]:
     return volume, sources.Subject(subject_id, example["image_path"].decode(), label_path)
 
 
-def load_volumes(
+def prepared_builder(
     dataset: str,
     *,
     root: str | None,
@@ -279,33 +283,15 @@ def load_volumes(
     slice_axis: str,
     frame: str | None = None,
     n4: bool = False,
-    subject_ids: Sequence[str] | None = None,
-    require_labels: bool = False,
     num_subjects: int = 60,
     seed: int = 0,
     channel: int = 0,
     unlabelled_roots: Sequence[str] = (),
-) -> list[preprocess.Volume]:
-    """Preprocessed volumes of a dataset, prepared into ``data_dir`` on first use.
+) -> VolumesBuilder:
+    """The builder of a dataset variant, prepared into ``data_dir`` first if it is not there.
 
-    Args:
-      dataset: "acdc", "prostate", "mmwhs", "folder" or "synthetic".
-      root: the manually downloaded dataset folder; needed only to prepare (and always for
-        "folder"). For "synthetic": where the generated files are kept (default
-        ``synthetic_root(data_dir, ...)``), generated there on first use.
-      data_dir: where prepared datasets are stored and reused.
-      target_resolution: in-plane mm; None uses the layout's default (docs/METHOD.md §10).
-      image_size: in-plane size after crop/pad; None uses the layout's default.
-      slice_axis: "auto" or one of `orientation.SLICE_AXES`.
-      frame: "ED" (default) or "ES" for acdc/synthetic.
-      n4: N4 bias correction (needs SimpleITK).
-      subject_ids: return only these subjects; DataError naming any that are not in the dataset.
-      require_labels: DataError if a returned subject has no label.
-      num_subjects, seed: size and seed of the synthetic dataset.
-      channel, unlabelled_roots: the folder layout's options (`sources.get_layout`).
-
-    Returns:
-      Volumes sorted by subject id (image (Z, S, S) float32, label uint8 or None, geometry).
+    Arguments as for `load_volumes`. TFDS prepares volume by volume (its writer spills to disk
+    beyond 1 GB), with a progress bar.
     """
     if dataset == "synthetic":
         root = ensure_synthetic(
@@ -347,12 +333,82 @@ def load_volumes(
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=root, try_download_gcs=False)
     )
-    pairs = [_to_volume(example) for example in tfds.as_numpy(builder.as_dataset(split=_SPLIT))]
-    pairs.sort(key=lambda pair: pair[0].subject_id)
+    return builder
+
+
+def _examples(builder: VolumesBuilder, split=_SPLIT) -> Iterator[dict]:
+    """The stored examples of ``split``, one volume at a time."""
+    return tfds.as_numpy(builder.as_dataset(split=split))
+
+
+def _stream(builder: VolumesBuilder, wanted: frozenset[str], split) -> Iterator[preprocess.Volume]:
+    for example in _examples(builder, split):
+        if example["subject_id"].decode() in wanted:
+            yield _to_volume(example)[0]
+
+
+def volume_parts(
+    builder: VolumesBuilder, subject_ids: Sequence[str], num_parts: int
+) -> list[Callable[[], Iterator[preprocess.Volume]]]:
+    """Readers of the prepared volumes of ``subject_ids``, split into up to ``num_parts``
+    contiguous parts of the stored files (`tfds.even_splits`).
+
+    Each reader yields its part's volumes one at a time, in stored order, and reads only its
+    part's files: any number of volumes fits in memory, and parts can be read in parallel.
+    """
+    num_parts = max(1, min(num_parts, builder.info.splits[_SPLIT].num_examples))
+    wanted = frozenset(subject_ids)
+    return [
+        functools.partial(_stream, builder, wanted, split)
+        for split in tfds.even_splits(_SPLIT, n=num_parts)
+    ]
+
+
+def prepared_gigabytes(builder: VolumesBuilder, num_volumes: int) -> float:
+    """Approximate memory of ``num_volumes`` of the prepared volumes, in GB (1e9 bytes): their
+    share of the stored bytes (float32 images, compressed labels)."""
+    split = builder.info.splits[_SPLIT]
+    return int(split.num_bytes) * num_volumes / max(split.num_examples, 1) / 1e9
+
+
+def load_volumes(
+    dataset: str,
+    *,
+    root: str | None,
+    data_dir: str,
+    subject_ids: Sequence[str] | None = None,
+    require_labels: bool = False,
+    **settings,
+) -> list[preprocess.Volume]:
+    """Preprocessed volumes of a dataset, prepared into ``data_dir`` on first use.
+
+    Args:
+      dataset: "acdc", "prostate", "mmwhs", "folder" or "synthetic".
+      root: the manually downloaded dataset folder; needed only to prepare (and always for
+        "folder"). For "synthetic": where the generated files are kept (default
+        ``synthetic_root(data_dir, ...)``), generated there on first use.
+      data_dir: where prepared datasets are stored and reused.
+      subject_ids: return only these subjects; DataError naming any that are not in the dataset.
+      require_labels: DataError if a returned subject has no label.
+      **settings: the variant (`prepared_builder`): ``slice_axis`` ("auto" or one of
+        `orientation.SLICE_AXES`); ``target_resolution`` (in-plane mm) and ``image_size``
+        (in-plane size after crop/pad), None for the layout's default (docs/METHOD.md §10);
+        ``frame`` ("ED" (default) or "ES" for acdc/synthetic); ``n4`` (N4 bias correction, needs
+        SimpleITK); ``num_subjects``, ``seed`` (the synthetic dataset); ``channel``,
+        ``unlabelled_roots`` (the folder layout's options, `sources.get_layout`).
+
+    Returns:
+      Volumes sorted by subject id (image (Z, S, S) float32, label uint8 or None, geometry).
+    """
+    builder = prepared_builder(dataset, root=root, data_dir=data_dir, **settings)
+    wanted = None if subject_ids is None else set(subject_ids)
+    volumes, subjects = [], []
+    for example in _examples(builder):  # one at a time: only the wanted volumes are kept
+        volume, subject = _to_volume(example)
+        subjects.append(subject)
+        if wanted is None or volume.subject_id in wanted:
+            volumes.append(volume)
     if subject_ids is None:
-        subject_ids = [volume.subject_id for volume, _ in pairs]
-    splits.check_split_on_disk(
-        subject_ids, [subject for _, subject in pairs], require_labels=require_labels
-    )
-    wanted = set(subject_ids)
-    return [volume for volume, _ in pairs if volume.subject_id in wanted]
+        subject_ids = [subject.subject_id for subject in subjects]
+    splits.check_split_on_disk(subject_ids, subjects, require_labels=require_labels)
+    return sorted(volumes, key=lambda volume: volume.subject_id)

@@ -86,13 +86,14 @@ def batch_recipe(
 
 
 def make_batches(
-    pool: pipeline.SlicePool,
+    pool: pipeline.SliceIndex,
     recipe: BatchRecipe,
     *,
     seed: int,
     local_device_count: int,
 ) -> pipeline.StepBatches:
-    """The pipeline's step-indexed batch source for `recipe`."""
+    """The pipeline's step-indexed batch source for `recipe` over ``pool`` (in memory, or a
+    `slice_store.SliceStore`)."""
     common = {"seed": seed, "local_device_count": local_device_count}
     if recipe.kind == "random":
         return pipeline.random_slice_batches(

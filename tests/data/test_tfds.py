@@ -121,6 +121,29 @@ def test_split_ids_and_labels_are_checked(acdc_root, tmp_path):
         _load(acdc_root, data_dir, subject_ids=["001", "003"], require_labels=True)
 
 
+def test_volume_parts_stream_each_wanted_volume_once(acdc_root, tmp_path):
+    data_dir = str(tmp_path / "prepared")
+    by_id = {v.subject_id: v for v in _load(acdc_root, data_dir)}
+    builder = volumes_tfds.prepared_builder(
+        "acdc",
+        root=None,
+        data_dir=data_dir,
+        target_resolution=1.36719,
+        image_size=IMAGE_SIZE,
+        slice_axis="axial",
+    )
+    for num_parts, expected_parts in ((2, 2), (5, 3)):  # at most one part per stored volume
+        parts = volumes_tfds.volume_parts(builder, ["003", "001"], num_parts)
+        assert len(parts) == expected_parts
+        streamed = [volume for read in parts for volume in read()]
+        assert sorted(v.subject_id for v in streamed) == ["001", "003"]
+        for volume in streamed:
+            np.testing.assert_array_equal(volume.image, by_id[volume.subject_id].image)
+    stored = volumes_tfds.prepared_gigabytes(builder, 3)
+    assert stored * 1e9 > sum(v.image.nbytes for v in by_id.values())  # images, labels, geometry
+    assert volumes_tfds.prepared_gigabytes(builder, 1) == pytest.approx(stored / 3)
+
+
 def test_missing_root_names_the_download(tmp_path):
     with pytest.raises(sources.DataError, match="not prepared.*creatis"):
         _load(None, str(tmp_path / "prepared"))

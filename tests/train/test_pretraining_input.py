@@ -1,0 +1,63 @@
+"""The pre-training stage reads its pool from memory or, above config.data.pretrain_memory_gb,
+from a slice store, and trains to the same loss either way."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+
+from configs import folder
+from jaxcl.data import pipeline, streaming, synthetic_msd
+from jaxcl.data.context import DataContext
+from jaxcl.train import trainer
+from jaxcl.train.parallel import DataParallel
+
+STAGE = "pretrain_global"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pretraining_input")
+    synthetic_msd.write_msd_folder(str(base / "Task"), num_labelled=8, num_unlabelled=2)
+    config = folder.get_config("quick")
+    config.data.root = str(base / "Task")
+    config.data.data_dir = str(base / "tfds")
+    config.stages = (STAGE,)
+    config.pretrain_global.num_volumes = 8  # G^D: one volume per test device
+    config.pretrain_global.steps = 3
+    return DataContext(config)
+
+
+def _config(data, memory_gb):
+    config = data.config.copy_and_resolve_references()
+    config.data.pretrain_memory_gb = memory_gb
+    return config
+
+
+def test_the_memory_budget_picks_the_path_and_the_batches_stay_the_same(data):
+    parallel = DataParallel(data.config.parallel.mode)
+    _, in_memory = trainer._pretraining_batches(_config(data, 4.0), data, STAGE, parallel)
+    _, streamed = trainer._pretraining_batches(_config(data, 0.0), data, STAGE, parallel)
+    assert isinstance(in_memory.pool, pipeline.SlicePool)
+    assert isinstance(streamed, streaming.StreamedBatches)
+    stores = os.path.join(data.data_dir, "jaxcl_slices")
+    assert len(os.listdir(stores)) == 1  # one prepared variant, one pool
+    for a, b in zip(
+        itertools.islice(in_memory.iterate(start_step=2), 3),
+        itertools.islice(streamed.iterate(start_step=2), 3),
+        strict=True,
+    ):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_pre_training_from_the_store_ends_with_the_in_memory_loss(data, tmp_path):
+    summaries = [
+        trainer._pretrain(_config(data, memory_gb), str(tmp_path / name), data, STAGE)
+        for name, memory_gb in (("memory", 4.0), ("store", 0.0))
+    ]
+    untimed = [{k: v for k, v in s.items() if k != "images_per_s"} for s in summaries]
+    assert "loss" in untimed[0]
+    assert untimed[0] == untimed[1]
