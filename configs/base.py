@@ -48,6 +48,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.labelled_set = "tr1"  # tr1 | tr2 | tr8
     config.data.combination = "c1"
     config.data.eval_chunk_size = 16  # slices per evaluation batch (a multiple of devices)
+    # Pre-training pools larger than this (GB of preprocessed volumes, on every host) are not
+    # loaded into memory but written once to a slice store under data_dir and read from disk,
+    # stream_parallelism steps at a time; same batches either way (docs/DATA.md). Fine-tuning and
+    # evaluation sets are always loaded.
+    config.data.pretrain_memory_gb = 4.0
+    config.data.stream_parallelism = 8
 
     config.model = ml_collections.ConfigDict()
     config.model.filters = (16, 32, 64, 128, 128, 128)
@@ -88,13 +94,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.finetune.steps = 10_000
     config.finetune.learning_rate = 1e-3
     config.finetune.batch_size = 20
-    # supervised | mixup | self-training | adversarial (jaxcl.methods.FINE_TUNINGS, docs/METHOD.md)
+    # supervised | mixup | self-training | adversarial | task-aug | task-aug-mixup
+    # (jaxcl.methods.FINE_TUNINGS, docs/METHOD.md)
     config.finetune.method = "supervised"
     config.finetune.mixup_alpha = 0.1  # mixup: λ ~ Beta(α, α) per example
     config.finetune.self_training_rounds = 3  # rounds of pseudo-labelling after the supervised one
     config.finetune.pseudo_label_fraction = 0.5  # self-training: pseudo-labelled share of a batch
     config.finetune.adversarial_weight = 0.1  # adversarial: w_max of the adversarial term
     config.finetune.adversarial_rampup = 0.4  # adversarial: ramp-up length, a fraction of steps
+    # task-aug: steps of the UNet alone before the GAN rounds, a fraction of steps (400 / 10,000)
+    config.finetune.task_aug_warmup = 0.04
+    config.finetune.task_aug_l1_weight = 1e-3  # task-aug: λ of the generators' -λ·mean|output|
     config.finetune.val_every = 50
     config.finetune.encoder_from = ml_collections.config_dict.placeholder(str)  # as above
     config.finetune.decoder_from = ml_collections.config_dict.placeholder(str)

@@ -35,7 +35,7 @@ from jaxcl.data import tfds as volumes_tfds
 from jaxcl.data.orientation import SLICE_AXES
 from jaxcl.data.splits import Splits
 from jaxcl.losses import local
-from jaxcl.methods import abstract, parts, self_training
+from jaxcl.methods import abstract, parts, self_training, task_augmentation
 from jaxcl.models import unet
 from jaxcl.train import parallel, schedules
 
@@ -47,6 +47,7 @@ _POSITIVE = {
     "data.target_resolution": "in mm, e.g. 1.5",
     "data.n_partitions": "the paper uses 4",
     "data.eval_chunk_size": "e.g. 16 slices",
+    "data.stream_parallelism": "e.g. 8 steps read at a time",
 }
 _MODEL_POSITIVE = {
     "model.global_hidden_features": "the paper uses 1024",
@@ -57,7 +58,6 @@ _FINETUNE_POSITIVE = {**_STAGE_POSITIVE, "val_every": "e.g. 50 steps", "batch_si
 _CONTRASTIVE_POSITIVE = {"temperature": "the paper uses 0.1"}
 # The values `jaxcl.losses.local` knows for these settings of a method (`Method.settings`).
 _CHOICES = {"positions": local.POSITION_KINDS, "negatives": local.NEGATIVES}
-# The ids of every pre-training batch besides its images (`jaxcl.data.pipeline`).
 _SOURCES = {"encoder_from": methods.GLOBAL_STAGE, "decoder_from": methods.LOCAL_STAGE}
 
 
@@ -164,6 +164,13 @@ def _stage_order_problems(stages: tuple[str, ...], stage_order: tuple[str, ...])
 
 def _data_problems(config: ml_collections.ConfigDict, splits: Splits | None) -> Iterator[str]:
     data = config.data
+    if not isinstance(data.pretrain_memory_gb, int | float) or data.pretrain_memory_gb < 0:
+        yield _problem(
+            "data.pretrain_memory_gb",
+            data.pretrain_memory_gb,
+            "must be 0 or more (GB of pre-training pool held in memory)",
+            "e.g. 4; 0 streams every pool from disk",
+        )
     if not _fits_unet(data.image_size):
         size = data.image_size if isinstance(data.image_size, int) else 0
         nearest = _multiples(size, unet.INPUT_MULTIPLE, None)
@@ -393,6 +400,10 @@ def _fine_tuning_problems(
             "the ramp-up is a fraction of the fine-tuning steps",
             "use a value in [0, 1], e.g. 0.4",
         )
+    if "task_aug_warmup" in settings and (
+        message := _raised(lambda: task_augmentation.round_steps(cfg))
+    ):
+        yield _entry("finetune.task_aug_warmup", cfg.task_aug_warmup, message)
     if fine_tuning.uses_unlabelled and splits is not None:
         labelled_set = f"{config.data.labelled_set}-{config.data.combination}"
         if _raised(lambda: splits.get(config.data.labelled_set, config.data.combination)):

@@ -434,3 +434,17 @@ def test_the_build_is_abstract(load_config, monkeypatch):
     _with_builder(monkeypatch, "LR", build)
     _validate(load_config("synthetic", "quick"), num_devices=1)
     assert len(keys) == 1 and isinstance(keys[0], jax.core.Tracer)
+
+
+def test_streaming_and_task_augmentation_settings_are_checked(load_config):
+    config = load_config("synthetic", "quick")
+    config.finetune.method = "task-aug"
+    config.finetune.task_aug_warmup = 1.5
+    config.data.pretrain_memory_gb = -1.0
+    config.data.stream_parallelism = 0
+    with pytest.raises(config_validation.ConfigError) as error:
+        config_validation.validate(config, num_devices=1)
+    problems = "\n".join(error.value.problems)
+    assert "config.data.stream_parallelism=0: must be positive" in problems
+    assert "config.data.pretrain_memory_gb=-1.0: must be 0 or more" in problems
+    assert "config.finetune.task_aug_warmup=1.5 must be a fraction" in problems

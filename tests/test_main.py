@@ -323,3 +323,26 @@ def test_transfer_sources_can_be_set_on_the_command_line(monkeypatch, value, exp
     assert config.pretrain_local.encoder_from == expected
     assert config.finetune.encoder_from == expected
     assert config.finetune.decoder_from == expected
+
+
+def test_comma_separated_stages_on_the_command_line_are_split(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
+    argv = [
+        "jaxcl.main",
+        "--config=configs/synthetic.py:quick",
+        "--config.stages=finetune,evaluate",
+    ]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=flag_values, sys_argv=argv)
+    flag_values(argv, known_only=True)
+    seen = {}
+
+    def stop(config, **_):
+        seen["stages"] = tuple(config.stages)
+        raise ConfigError(["stopped after reading the stages"])
+
+    monkeypatch.setattr(trainer.config_validation, "validate", stop)
+    with pytest.raises(ConfigError):
+        trainer.train_and_evaluate(flag_values.config, str(tmp_path))
+    assert seen["stages"] == ("finetune", "evaluate")

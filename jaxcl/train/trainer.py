@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from jaxcl import config_validation, evaluate, figures, files, methods, model_card
-from jaxcl.data import pipeline
+from jaxcl.data import pipeline, streaming
 from jaxcl.data.context import DataContext
 from jaxcl.data.sources import DataError
 from jaxcl.experiments import records
@@ -79,7 +79,9 @@ def _load_into(state: TrainState, export: str | None, paths, stage: str) -> Trai
 
 
 def _pretraining_batches(config, data: DataContext, stage: str, parallel: DataParallel):
-    """(recipe, step-indexed batches) of a pre-training stage over the unlabelled pool."""
+    """(recipe, step-indexed batches) of a pre-training stage over the unlabelled pool: held in
+    memory, or read from a slice store on disk when it is larger than
+    config.data.pretrain_memory_gb (the same batches either way, docs/DATA.md)."""
     pool_ids = data.splits.get("pretrain")
     recipe = methods.batch_recipe(config[stage], stage, len(pool_ids))
     paper = methods.batch_recipe(config[stage], stage)
@@ -91,12 +93,29 @@ def _pretraining_batches(config, data: DataContext, stage: str, parallel: DataPa
             paper.num_units,
             len(pool_ids),
         )
-    volumes = data.volumes(pool_ids)
-    pool = pipeline.build_slice_pool(volumes, num_partitions=config.data.n_partitions)
-    batches = recipes.make_batches(
-        pool, recipe, seed=config.seed, local_device_count=parallel.num_local_devices
+    make_batches = functools.partial(
+        recipes.make_batches,
+        recipe=recipe,
+        seed=config.seed,
+        local_device_count=parallel.num_local_devices,
     )
-    return recipe, batches
+    pool_gigabytes = data.pool_gigabytes(pool_ids)
+    if pool_gigabytes <= config.data.pretrain_memory_gb:
+        volumes = data.volumes(pool_ids)
+        pool = pipeline.build_slice_pool(volumes, num_partitions=config.data.n_partitions)
+        return recipe, make_batches(pool)
+    logging.info(
+        "%s: the pre-training pool (about %.3g GB) is larger than config.data.pretrain_memory_gb"
+        "=%g: its slices are read from a slice store with %d threads.",
+        stage,
+        pool_gigabytes,
+        config.data.pretrain_memory_gb,
+        config.data.stream_parallelism,
+    )
+    store = data.slice_store(pool_ids, num_partitions=config.data.n_partitions)
+    return recipe, streaming.StreamedBatches(
+        make_batches(store), parallelism=config.data.stream_parallelism
+    )
 
 
 def _train(
@@ -110,13 +129,15 @@ def _train(
     batches,
     images_per_step: int,
     step_key: jax.Array | None = None,
+    total_steps: int | None = None,
     validate=None,
     **settings,
 ) -> loop.LoopResult:
     """Runs `loop.train_loop` for a stage with the config's step count and cadence.
 
     stage: the stage, or "<stage>/<part>" for a part of it trained in WORKDIR/<stage>/<part>/
-    (a round of self-training); step_key: default the stage's.
+    (a round of self-training); step_key: default the stage's; total_steps: default
+    `config.<stage>.steps`.
     """
     section = stage.split("/")[0]
     if step_key is None:
@@ -125,7 +146,7 @@ def _train(
         loop.LoopSettings(
             stage=stage,
             stage_dir=str(files.path(workdir) / stage),
-            total_steps=config[section].steps,
+            total_steps=config[section].steps if total_steps is None else total_steps,
             images_per_step=images_per_step,
             log_every=config.log_every,
             checkpoint_every=config.checkpoint_every,
@@ -246,9 +267,10 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
     """Stage 3: the UNet on the labelled subset, best validation Dice kept (docs/METHOD.md §9).
 
     `config.finetune.method` picks the fine-tuning (`methods.FINE_TUNINGS`): its builder gives
-    each round's state, step and batches. Round 0 trains in WORKDIR/finetune/, round r > 0 (self-
-    training) in WORKDIR/finetune/round<r>/ from the best state of round r - 1; the best state
-    of the last round is exported.
+    each round's state, step, batches and number of steps. Round 0 trains in WORKDIR/finetune/,
+    round r > 0 (self-training, task-driven augmentation) in WORKDIR/finetune/round<r>/ from the
+    best state of round r - 1; the best state of the last round is exported. A round's figures
+    (`FineTuneParts.figures`) go to WORKDIR/finetune/figures/.
     """
     stage, cfg = "finetune", config.finetune
     fine_tuning = methods.fine_tuning(cfg.method)
@@ -281,6 +303,7 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
         functools.partial(_unlabelled_pool, config, data, labelled + validation)
     )
     num_rounds = fine_tuning.rounds(config)
+    initial, kept = state, []
     for round_index in range(num_rounds):
         built = fine_tuning.build(
             parts.FineTuneInputs(
@@ -293,6 +316,8 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
                 unlabelled=unlabelled,
                 local_device_count=parallel.num_local_devices,
                 round_index=round_index,
+                initial=initial,
+                earlier=tuple(kept),
             )
         )
         name = stage if round_index == 0 else f"{stage}/round{round_index}"
@@ -308,11 +333,16 @@ def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
             batches=built.batches,
             images_per_step=built.images_per_step,
             step_key=jax.random.fold_in(step_key, round_index) if round_index else step_key,
+            total_steps=built.steps,
             validate=lambda host_state, built=built: validator(built.segmenter(host_state)),
             validate_every=cfg.val_every,
             select_best="val_dice",
         )
-        state = built.segmenter(result.best_state or result.state)
+        kept.append(result.best_state or result.state)
+        state = built.segmenter(kept[-1])
+        if built.figures is not None and distributed.is_main_process():
+            for file_name, figure in built.figures(kept[-1]).items():
+                figures.save_figure(figure, files.path(workdir) / stage / "figures" / file_name)
     _export(workdir, stage, state)
     if distributed.is_main_process():
         model_card.write(files.path(workdir) / stage / "export", _card(config, data))
@@ -444,6 +474,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """
     data = DataContext(config)
     config = data.config
+    # --config.stages=finetune,evaluate arrives as the one item "finetune,evaluate".
+    config.stages = tuple(name.strip() for item in config.stages for name in item.split(","))
     config_validation.validate(
         config,
         splits=data.splits,
