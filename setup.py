@@ -17,6 +17,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["jaxcl", "jaxcl.*"]),
     install_requires=[
         "absl-py>=2.1",
+        "array-record>=0.5",  # the slice store of large pre-training pools
         "chex>=0.1.87",
         "clu>=0.0.12",
         "flax>=0.10",

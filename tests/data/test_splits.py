@@ -170,7 +170,10 @@ def test_returned_lists_are_fresh():
     ("args", "match"),
     [
         (("brats", "test"), r"'brats'.*\['acdc', 'mmwhs', 'prostate', 'synthetic'\]"),
-        (("acdc", "train"), r"'train'.*\['pretrain', 'tr1', 'tr2', 'tr8', 'trall', 'val', 'test'\]"),
+        (
+            ("acdc", "train"),
+            r"'train'.*\['pretrain', 'tr1', 'tr2', 'tr8', 'trall', 'val', 'test'\]",
+        ),
         (("acdc", "tr1"), r"\['c1', 'c2', 'c3', 'c4', 'c5'\].*None"),
         (("acdc", "tr8", "c4"), r"\['c1', 'c2', 'c3'\].*'c4'"),
         (("mmwhs", "tr2", "c5"), r"\['c1', 'c2', 'c3', 'c4'\]"),
