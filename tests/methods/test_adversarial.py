@@ -140,3 +140,33 @@ def test_bad_settings_are_reported_before_any_work():
     problems = "\n".join(error.value.problems)
     assert "config.finetune.adversarial_weight=-1.0: the adversarial term's weight" in problems
     assert "config.finetune.adversarial_rampup=2.0: the ramp-up is a fraction" in problems
+
+
+def test_at_weight_zero_the_unet_update_is_the_supervised_step():
+    """The unlabelled pass normalises with its own statistics and leaves the running ones alone:
+    without the adversarial term the UNet's update is `steps.finetune_step`'s."""
+    state, step, batch = _setup(1)
+    step = functools.partial(step.func, **{**step.keywords, "max_weight": 0.0})
+    supervised = functools.partial(
+        steps.finetune_step,
+        model=step.keywords["model"],
+        num_classes=3,
+        augment_config=step.keywords["augment_config"],
+    )
+    parallel = DataParallel("pmap", devices=jax.devices()[:1])
+    rng = jax.random.key(3)
+    adversarial_state, _ = parallel.map_step(step)(
+        parallel.put_state(state), parallel.put_batch(batch), rng
+    )
+    labelled = {key: batch[key] for key in ("image", "label")}
+    supervised_state, _ = parallel.map_step(supervised)(
+        parallel.put_state(state.segmenter), parallel.put_batch(labelled), rng
+    )
+    actual = parallel.get_state(adversarial_state).segmenter
+    expected = parallel.get_state(supervised_state)
+    for got, want in zip(
+        jax.tree.leaves((actual.params, actual.batch_stats)),
+        jax.tree.leaves((expected.params, expected.batch_stats)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
