@@ -28,16 +28,13 @@ import jax.numpy as jnp
 import optax
 
 from jaxcl import augment
-from jaxcl.data import pipeline
-from jaxcl.losses import segmentation
+from jaxcl.losses import gan, segmentation
 from jaxcl.methods import parts, supervised
 from jaxcl.methods.parts import FineTuneInputs, FineTuneParts
 from jaxcl.models.discriminator import SegmentationDiscriminator
 from jaxcl.train import steps
 from jaxcl.train.parallel import AXIS_NAME
 from jaxcl.train.state import TrainState
-
-UNLABELLED_IMAGE = "unlabelled_image"
 
 
 @flax.struct.dataclass
@@ -62,19 +59,7 @@ def rampup_weight(step: jax.typing.ArrayLike, maximum: float, rampup_steps: int)
 
 def discriminator_loss(labelled_logits: jax.Array, unlabelled_logits: jax.Array) -> jax.Array:
     """Mean cross-entropy over both halves: labelled maps target 1, unlabelled maps target 0."""
-    return 0.5 * (
-        optax.sigmoid_binary_cross_entropy(labelled_logits, jnp.ones_like(labelled_logits)).mean()
-        + optax.sigmoid_binary_cross_entropy(
-            unlabelled_logits, jnp.zeros_like(unlabelled_logits)
-        ).mean()
-    )
-
-
-def fooling_loss(unlabelled_logits: jax.Array) -> jax.Array:
-    """The UNet's non-saturating adversarial term: unlabelled maps against target 1."""
-    return optax.sigmoid_binary_cross_entropy(
-        unlabelled_logits, jnp.ones_like(unlabelled_logits)
-    ).mean()
+    return 0.5 * gan.discriminator_loss(labelled_logits, unlabelled_logits)
 
 
 def adversarial_step(
@@ -106,7 +91,7 @@ def adversarial_step(
     images, labels = jax.vmap(pair_fn)(
         steps.example_keys(rng, batch["image"].shape[0]), batch["image"], batch["label"]
     )
-    unlabelled = batch[UNLABELLED_IMAGE]
+    unlabelled = batch[supervised.UNLABELLED_IMAGE]
     unlabelled, _ = jax.vmap(pair_fn)(
         steps.example_keys(jax.random.fold_in(rng, 1), unlabelled.shape[0]),
         unlabelled,
@@ -130,7 +115,7 @@ def adversarial_step(
         probabilities = jax.nn.softmax(
             jnp.concatenate([logits, unlabelled_logits]).astype(jnp.float32), axis=-1
         )
-        fooling = fooling_loss(judge(critic.params, probabilities[count:], unlabelled))
+        fooling = gan.non_saturating_loss(judge(critic.params, probabilities[count:], unlabelled))
         return supervised_loss + weight * fooling, (batch_stats, probabilities, supervised_loss)
 
     (loss, (batch_stats, probabilities, supervised_loss)), grads = jax.value_and_grad(
@@ -185,16 +170,5 @@ def build(inputs: FineTuneInputs) -> FineTuneParts:
         rampup_steps=round(cfg.adversarial_rampup * cfg.steps),
         augment_config=parts.augment_config(config),
     )
-    unlabelled = pipeline.random_slice_batches(
-        inputs.unlabelled(),
-        num_slices=cfg.batch_size,
-        num_views=1,
-        seed=config.seed,
-        local_device_count=inputs.local_device_count,
-        stream=1,
-    )
-    batches = pipeline.MergedBatches(
-        [supervised.labelled_batches(inputs), unlabelled],
-        lambda sources: {**sources[0], UNLABELLED_IMAGE: sources[1]["image"]},
-    )
+    batches = supervised.with_unlabelled_images(inputs, stream=1)
     return FineTuneParts(state, step, batches, 2 * cfg.batch_size, segmenter=lambda s: s.segmenter)

@@ -35,7 +35,6 @@ import numpy as np
 import optax
 
 from jaxcl import augment, figures
-from jaxcl.data import pipeline
 from jaxcl.losses import segmentation
 from jaxcl.methods import mixup, parts, supervised
 from jaxcl.methods import task_augmentation_gan as gan
@@ -263,18 +262,7 @@ def _gan_round(inputs: FineTuneInputs, kind: str, num_steps: int) -> FineTunePar
         l1_weight=cfg.task_aug_l1_weight,
         augment_config=parts.augment_config(config),
     )
-    unlabelled = pipeline.random_slice_batches(
-        inputs.unlabelled(),
-        num_slices=cfg.batch_size,
-        num_views=1,
-        seed=config.seed,
-        local_device_count=inputs.local_device_count,
-        stream=inputs.round_index,
-    )
-    batches = pipeline.MergedBatches(
-        [supervised.labelled_batches(inputs), unlabelled],
-        lambda sources: {**sources[0], gan.UNLABELLED_IMAGE: sources[1]["image"]},
-    )
+    batches = supervised.with_unlabelled_images(inputs, stream=inputs.round_index)
     return FineTuneParts(
         state,
         step,

@@ -34,11 +34,11 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
 from jaxcl import augment
+from jaxcl.losses import gan as gan_losses
 from jaxcl.losses import segmentation
-from jaxcl.methods.adversarial import UNLABELLED_IMAGE
+from jaxcl.methods import supervised
 from jaxcl.models.task_augmentation import (
     NOISE_FEATURES,
     DeformationGenerator,
@@ -116,19 +116,6 @@ TRANSFORMATIONS = {
 
 # ----------------------------------------------------------------------------------------------
 # Losses and per-step draws.
-
-
-def discriminator_loss(fake_logits: jax.Array, real_logits: jax.Array) -> jax.Array:
-    """Mean cross-entropy of the real images against target 1 plus that of the fakes against 0."""
-    return (
-        optax.sigmoid_binary_cross_entropy(real_logits, jnp.ones_like(real_logits)).mean()
-        + optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits)).mean()
-    )
-
-
-def adversarial_loss(fake_logits: jax.Array) -> jax.Array:
-    """The generator's non-saturating term: the fakes' cross-entropy against target 1."""
-    return optax.sigmoid_binary_cross_entropy(fake_logits, jnp.ones_like(fake_logits)).mean()
 
 
 def generator_loss(
@@ -238,7 +225,7 @@ def gan_step(
       augment_config: the fine-tuning augmentation, applied to both kinds of slices first.
     """
     images, targets = augmented_batch(batch, rng, num_classes, augment_config)
-    unlabelled = batch[UNLABELLED_IMAGE]
+    unlabelled = batch[supervised.UNLABELLED_IMAGE]
     pair_fn = functools.partial(augment.finetune_pair, config=augment_config)
     unlabelled, _ = jax.vmap(pair_fn)(
         steps.example_keys(jax.random.fold_in(rng, 1), unlabelled.shape[0]),
@@ -269,7 +256,7 @@ def gan_step(
             logits, _select(original, targets, fake_targets)
         )
         fake_logits, _ = judge(critic.params, fake_images)
-        adversarial = adversarial_loss(fake_logits[:count])
+        adversarial = gan_losses.non_saturating_loss(fake_logits[:count])
         loss = generator_loss(adversarial, segmentation_loss, output, l1_weight)
         measured = {
             "segmentation_loss": segmentation_loss,
@@ -285,7 +272,7 @@ def gan_step(
 
     def critic_loss(params):
         logits, critic_stats = judge(params, fake_images)
-        return discriminator_loss(logits[:count], logits[count:]), critic_stats
+        return gan_losses.discriminator_loss(logits[count:], logits[:count]), critic_stats
 
     (critic_value, critic_stats), critic_grads = jax.value_and_grad(critic_loss, has_aux=True)(
         critic.params

@@ -11,7 +11,8 @@ import pytest
 from configs import synthetic
 from jaxcl import config_validation
 from jaxcl.augment import AugmentConfig
-from jaxcl.methods import adversarial
+from jaxcl.losses import gan
+from jaxcl.methods import adversarial, supervised
 from jaxcl.models.discriminator import SegmentationDiscriminator
 from jaxcl.models.unet import UNet
 from jaxcl.train import steps
@@ -38,7 +39,7 @@ def test_losses_equal_a_hand_computation():
         adversarial.discriminator_loss(labelled, unlabelled), expected, rtol=1e-6
     )
     np.testing.assert_allclose(
-        adversarial.fooling_loss(unlabelled), (softplus(1.0) + softplus(-0.5)) / 2, rtol=1e-6
+        gan.non_saturating_loss(unlabelled), (softplus(1.0) + softplus(-0.5)) / 2, rtol=1e-6
     )
 
 
@@ -85,7 +86,7 @@ def _setup(num_devices: int):
     batch = {
         "image": layout(rng.uniform(0, 1, (_GLOBAL_BATCH, 32, 32, 1)).astype(np.float32)),
         "label": layout(rng.integers(0, 3, (_GLOBAL_BATCH, 32, 32)).astype(np.int32)),
-        adversarial.UNLABELLED_IMAGE: layout(
+        supervised.UNLABELLED_IMAGE: layout(
             rng.uniform(0, 1, (_GLOBAL_BATCH, 32, 32, 1)).astype(np.float32)
         ),
     }

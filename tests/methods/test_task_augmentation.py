@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from jaxcl.augment import AugmentConfig
-from jaxcl.methods import task_augmentation
+from jaxcl.losses import gan as gan_losses
+from jaxcl.methods import supervised, task_augmentation
 from jaxcl.methods import task_augmentation_gan as gan
 from jaxcl.models.task_augmentation import (
     NOISE_FEATURES,
@@ -33,9 +34,9 @@ def test_gan_losses_equal_a_hand_computation():
     fake, real = jnp.array([2.0, -1.0]), jnp.array([0.5, -0.5])
     # Target 1: -log sigmoid(x) = softplus(-x); target 0: -log(1 - sigmoid(x)) = softplus(x).
     expected = (_softplus(-0.5) + _softplus(0.5)) / 2 + (_softplus(2.0) + _softplus(-1.0)) / 2
-    np.testing.assert_allclose(gan.discriminator_loss(fake, real), expected, rtol=1e-6)
+    np.testing.assert_allclose(gan_losses.discriminator_loss(real, fake), expected, rtol=1e-6)
     np.testing.assert_allclose(
-        gan.adversarial_loss(fake), (_softplus(-2.0) + _softplus(1.0)) / 2, rtol=1e-6
+        gan_losses.non_saturating_loss(fake), (_softplus(-2.0) + _softplus(1.0)) / 2, rtol=1e-6
     )
     field = jnp.array([[-2.0, 1.0], [0.5, 0.5]])  # mean |field| = 1
     # The L1 term is subtracted: larger transformations lower the generator's loss.
@@ -162,9 +163,9 @@ def _batch(num_devices, unlabelled: bool):
         "label": rng.integers(0, 3, (_GLOBAL_BATCH, _SIZE, _SIZE)).astype(np.int32),
     }
     if unlabelled:
-        batch[gan.UNLABELLED_IMAGE] = rng.uniform(0, 1, (_GLOBAL_BATCH, _SIZE, _SIZE, 1)).astype(
-            np.float32
-        )
+        batch[supervised.UNLABELLED_IMAGE] = rng.uniform(
+            0, 1, (_GLOBAL_BATCH, _SIZE, _SIZE, 1)
+        ).astype(np.float32)
     return {name: _layout(x, num_devices) for name, x in batch.items()}
 
 
