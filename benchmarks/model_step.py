@@ -24,13 +24,17 @@ Runtime settings that matter on XLA:CPU (jaxlib 0.10), both outside the model's 
   `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to XLA_FLAGS unless
   `--ynn_convolutions`; XLA reads XLA_FLAGS when the CPU backend starts, so a trainer must set it
   before its first jax computation.
-- XLA maps its temporary buffer (1.5 GiB for the fine-tuning step) afresh on every step, and
-  faulting in 4 KiB pages costs ~15% of the step; transparent huge pages avoid most of it. glibc
-  only asks for them when the process starts with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
-  (glibc >= 2.35, THP "madvise" or "always").
+- XLA allocates its temporary buffer (1.6 GiB for the fine-tuning step) afresh on every step, and
+  glibc returns it to the kernel each time: faulting its pages in again costs 10-15% of the step.
+  jemalloc told to keep freed pages avoids all of it (what `jaxcl.runtime` sets up for the entry
+  points when jemalloc is installed); glibc's transparent huge pages avoid part of it, only
+  when the process starts with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, THP
+  "madvise" or "always").
 
   python benchmarks/model_step.py
   python benchmarks/model_step.py --cases=finetune --repeats=5
+  LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \
+    python benchmarks/model_step.py
   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/model_step.py
   python benchmarks/model_step.py --ynn_convolutions  # XLA's default convolutions
 """

@@ -10,6 +10,9 @@ volumes), maps the step with
 - images/s and FLOPs per step from XLA's cost analysis of the lowered step (a convolution counts
   its multiply-adds as 2 FLOPs, without SAME padding), the achieved GFLOP/s and that as a
   fraction of the float32 matmul peak measured in the same run (best of 10 jitted `jnp.dot`s);
+- GB accessed per step: XLA's cost analysis of the compiled (fused) step, the bytes its
+  operations read and write. It counts the passes over activations that are not convolution
+  (BatchNorm, ReLU, layout changes) as well, and is what a memory-bound accelerator pays;
 - for pre-training, the share of the step spent in augmentation and the loss: the views alone
   and the loss's value and gradient with respect to the network outputs alone, each jitted and
   timed the same way, divided by the step time.
@@ -188,6 +191,7 @@ def run(name: str, config, parallel: DataParallel, pool, peak: float) -> None:
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     flops = lowered.cost_analysis()["flops"]
+    bytes_accessed = compiled.cost_analysis()["bytes accessed"]
     load = _load()
     state = case.state
 
@@ -202,6 +206,7 @@ def run(name: str, config, parallel: DataParallel, pool, peak: float) -> None:
         f"{name:8s} {case.images:3d} img  compile {compile_s:5.1f} s  step {1e3 * seconds:7.1f} ms"
         f" (min {1e3 * min(times):.1f})  {case.images / seconds:6.2f} img/s  "
         f"{flops / 1e9:6.1f} GFLOP  {gflops:6.1f} GFLOP/s  {100 * gflops / peak:5.1f}% of peak"
+        f"  {bytes_accessed / 1e9:5.1f} GB accessed"
     )
     if case.views is not None:
         views_s, _ = _median_seconds(lambda: case.views(None, case.batch, rng)[1])
@@ -227,6 +232,7 @@ def main(argv: list[str]) -> None:
         f"jax {jax.__version__} on {parallel.num_devices} {jax.devices()[0].platform} device(s);"
         f" XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
         f" GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
+        f" LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}"
     )
     load = _load()
     peak = matmul_peak_gflops(_PEAK_SIZE.value)

@@ -66,6 +66,40 @@ def test_hugepage_environment(monkeypatch):
     assert runtime.hugepage_environment({"JAX_PLATFORMS": "cpu"}) is None
 
 
+def test_jemalloc_environment(monkeypatch):
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    environ = {"JAX_PLATFORMS": "cpu", "LD_PRELOAD": "libother.so", "HOME": "/h"}
+    environment = runtime.jemalloc_environment(environ, "libjemalloc.so.2")
+    assert environment == {
+        "JAX_PLATFORMS": "cpu",
+        "LD_PRELOAD": "libjemalloc.so.2 libother.so",
+        "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
+        "HOME": "/h",
+    }
+    # After the re-execution, without jemalloc, or with tuning off: nothing to do.
+    assert runtime.jemalloc_environment(environment, "libjemalloc.so.2") is None
+    assert runtime.jemalloc_environment(environ, None) is None
+    assert runtime.jemalloc_environment({**environ, "JAXCL_CPU_TUNING": "0"}, "x") is None
+    # A user's own jemalloc settings are kept.
+    mine = runtime.jemalloc_environment({**environ, "MALLOC_CONF": "narenas:1"}, "libjemalloc.so.2")
+    assert mine["MALLOC_CONF"] == "narenas:1"
+
+
+def test_allocator_prefers_jemalloc_then_huge_pages(monkeypatch):
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    monkeypatch.setattr(runtime, "_glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(runtime, "_transparent_hugepages_available", lambda: True)
+    monkeypatch.setattr(runtime, "find_jemalloc", lambda: "libjemalloc.so.2")
+    environment = runtime.allocator_environment({"JAX_PLATFORMS": "cpu"})
+    assert environment["LD_PRELOAD"] == "libjemalloc.so.2"
+    assert "GLIBC_TUNABLES" not in environment
+    assert runtime.allocator_environment(environment) is None
+    monkeypatch.setattr(runtime, "find_jemalloc", lambda: None)
+    environment = runtime.allocator_environment({"JAX_PLATFORMS": "cpu"})
+    assert environment == {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert runtime.allocator_environment(environment) is None
+
+
 def test_entry_point_reexecutes_once_with_the_same_command_line(tmp_path):
     script = tmp_path / "entry.py"
     script.write_text(
@@ -75,12 +109,14 @@ def test_entry_point_reexecutes_once_with_the_same_command_line(tmp_path):
             from jaxcl import runtime
             print("started", flush=True)
             runtime.tune_cpu_process()
-            print(sys.argv[1:], os.environ.get("GLIBC_TUNABLES"), os.environ["XLA_FLAGS"])
+            names = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", "XLA_FLAGS")
+            print(sys.argv[1:], *(os.environ.get(name) for name in names))
             """
         )
     )
     environ = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "XLA_FLAGS": ""}
-    environ.pop("GLIBC_TUNABLES", None)
+    for name in ("GLIBC_TUNABLES", "LD_PRELOAD", "MALLOC_CONF"):
+        environ.pop(name, None)
     result = subprocess.run(
         [sys.executable, str(script), "--flag=1"],
         env=environ,
@@ -90,13 +126,14 @@ def test_entry_point_reexecutes_once_with_the_same_command_line(tmp_path):
         check=True,
     )
     lines = result.stdout.splitlines()
-    expected_tunables = "glibc.malloc.hugetlb=1"
-    if runtime.hugepage_environment(environ) is None:  # no huge pages here: no re-execution
-        expected_tunables = "None"
-    assert lines.count("started") == (2 if expected_tunables != "None" else 1)
+    reexecuted = runtime.allocator_environment(environ)  # jemalloc, huge pages, or neither here
+    assert lines.count("started") == (1 if reexecuted is None else 2)
+    after = reexecuted or environ
     expected_flag = (
         runtime.NO_YNN_CONVOLUTIONS
         if runtime._jaxlib_minor_version() in runtime.CHECKED_JAXLIB_MINOR_VERSIONS
         else ""
     )
-    assert lines[-1] == f"['--flag=1'] {expected_tunables} {expected_flag}".rstrip()
+    names = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")
+    expected = " ".join(str(after.get(name)) for name in names)
+    assert lines[-1] == f"['--flag=1'] {expected} {expected_flag}".rstrip()
