@@ -15,7 +15,7 @@ installed, or `JAX_PLATFORMS=cpu`); `JAXCL_CPU_TUNING=0` turns both off. They we
   when they are freed, so every step faults ~400,000 fresh pages in again. When jemalloc is
   installed (Debian/Ubuntu: `apt install libjemalloc2`), the entry point re-executes itself once
   with it preloaded and told never to return freed pages (`JEMALLOC_CONF`): no page faults after
-  the first steps, and fine-tuning steps 1.16x, G^D steps 1.20x faster than with plain glibc
+  the first steps, and fine-tuning steps 1.16x, G^D steps 1.19x faster than with plain glibc
   (docs/TRAINING.md has the numbers). Without jemalloc it falls back to glibc's transparent huge
   pages: glibc only asks the kernel for them when the process *starts* with
   `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, THP "always" or "madvise"), so the
