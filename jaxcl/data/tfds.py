@@ -26,9 +26,13 @@ to the dataset root ("" when unlabelled) so evaluation can reopen the original h
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
+import itertools
+import multiprocessing
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -145,6 +149,57 @@ def _folder_digest(root: str, channel: int, unlabelled_roots: tuple[str, ...]) -
     return hashlib.sha1("\n".join(entries).encode()).hexdigest()[:8]
 
 
+VOLUMES_PER_WORKER = 8
+
+
+def default_prepare_workers() -> int:
+    """Processes for preparing volumes: this process's CPUs, at most 16."""
+    return max(1, min(16, len(os.sched_getaffinity(0))))
+
+
+@functools.lru_cache(maxsize=4)
+def _layout(dataset: str, root: str, options: tuple) -> sources.DatasetLayout:
+    return sources.get_layout(dataset, root, **dict(options))
+
+
+def _load_subject(
+    dataset: str, root: str, options: tuple, settings: dict, subject: sources.Subject
+) -> preprocess.Volume:
+    """`preprocess.load_volume` of one subject; picklable arguments only (a worker process
+    builds the layout, whose finder is a closure, from its name and options)."""
+    return preprocess.load_volume(subject, _layout(dataset, root, options), **settings)
+
+
+def _in_order(
+    load: Callable[[sources.Subject], preprocess.Volume],
+    subjects: Sequence[sources.Subject],
+    workers: int,
+) -> Iterator[tuple[sources.Subject, preprocess.Volume]]:
+    """(subject, load(subject)) in the order of ``subjects``, loaded by ``workers`` processes.
+
+    At most 2 x workers volumes are loaded ahead of the one being written, so memory stays
+    bounded whatever the number of subjects. One worker (or one subject) loads in this process.
+    A worker's error (e.g. a `sources.DataError` naming the bad file) is raised here.
+    """
+    if workers <= 1 or len(subjects) <= 1:
+        for subject in subjects:
+            yield subject, load(subject)
+        return
+    # spawn, not fork: this process runs TensorFlow's (and maybe jax's) threads.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        remaining = iter(subjects)
+        pending = collections.deque(
+            (subject, pool.submit(load, subject))
+            for subject in itertools.islice(remaining, 2 * workers)
+        )
+        while pending:
+            subject, future = pending.popleft()
+            for following in itertools.islice(remaining, 1):
+                pending.append((following, pool.submit(load, following)))
+            yield subject, future.result()
+
+
 class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Preprocessed volumes of one dataset variant (see the module docstring).
 
@@ -154,6 +209,9 @@ class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     name = "jaxcl_volumes"
     VERSION = tfds.core.Version("1.1.0")
+    # Processes that read and preprocess volumes while preparing (`_in_order`); the stored data
+    # does not depend on it.
+    prepare_workers: int = 1
     RELEASE_NOTES = {  # noqa: RUF012
         "1.0.0": "One example per preprocessed volume.",
         "1.1.0": "Slices taken along a chosen axis of the canonical (RAS) orientation; geometry "
@@ -208,15 +266,23 @@ class VolumesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             config.dataset, config.frame, config.channel, config.unlabelled_roots
         )
         layout = sources.get_layout(config.dataset, root, **options)
-        for subject in layout.find_subjects(root):
-            volume = preprocess.load_volume(
-                subject,
-                layout,
-                target_resolution=config.target_resolution,
-                image_size=config.image_size,
-                slice_axis=config.slice_axis,
-                n4=config.n4,
-            )
+        load = functools.partial(
+            _load_subject,
+            config.dataset,
+            root,
+            tuple(sorted(options.items())),
+            {
+                "target_resolution": config.target_resolution,
+                "image_size": config.image_size,
+                "slice_axis": config.slice_axis,
+                "n4": config.n4,
+            },
+        )
+        subjects = layout.find_subjects(root)
+        # A worker's start-up (a new interpreter importing nibabel and scipy) pays off over a few
+        # volumes: small datasets are prepared in this process.
+        workers = min(self.prepare_workers, len(subjects) // VOLUMES_PER_WORKER)
+        for subject, volume in _in_order(load, subjects, workers):
             empty = np.zeros((0, config.image_size, config.image_size), np.uint8)
             yield (
                 subject.subject_id,
@@ -287,11 +353,13 @@ def prepared_builder(
     seed: int = 0,
     channel: int = 0,
     unlabelled_roots: Sequence[str] = (),
+    prepare_workers: int | None = None,
 ) -> VolumesBuilder:
     """The builder of a dataset variant, prepared into ``data_dir`` first if it is not there.
 
-    Arguments as for `load_volumes`. TFDS prepares volume by volume (its writer spills to disk
-    beyond 1 GB), with a progress bar.
+    Arguments as for `load_volumes`; ``prepare_workers`` processes read and preprocess the files
+    (default `default_prepare_workers()`, at most one per `VOLUMES_PER_WORKER` volumes). TFDS
+    writes volume by volume (its writer spills to disk beyond 1 GB), with a progress bar.
     """
     if dataset == "synthetic":
         root = ensure_synthetic(
@@ -322,6 +390,7 @@ def prepared_builder(
         unlabelled_roots=unlabelled_roots,
     )
     builder = VolumesBuilder(config=config, data_dir=data_dir)
+    builder.prepare_workers = prepare_workers or default_prepare_workers()
     if not builder.is_prepared() and dataset in _MANUAL_DATASETS:
         if root is None:
             raise sources.DataError(

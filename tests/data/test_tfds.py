@@ -113,6 +113,32 @@ def test_failed_build_is_not_reused(acdc_root, tmp_path, monkeypatch):
     assert [v.subject_id for v in _load(acdc_root, data_dir)] == ["001", "002", "003"]
 
 
+def test_parallel_preparation_stores_the_same_volumes_and_reports_bad_files(tmp_path):
+    root = str(tmp_path / "acdc")
+    rng = np.random.default_rng(1)
+    count = 2 * volumes_tfds.VOLUMES_PER_WORKER  # enough volumes for 2 worker processes
+    for number in range(1, count + 1):
+        _write_acdc_subject(root, number, rng, labelled=number % 5 != 0)
+    one = _load(root, str(tmp_path / "one"), prepare_workers=1)
+    two = _load(root, str(tmp_path / "two"), prepare_workers=2)
+    assert (
+        [v.subject_id for v in two]
+        == [v.subject_id for v in one]
+        == [f"{n:03d}" for n in range(1, count + 1)]
+    )
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a.image, b.image)
+        assert (a.label is None) == (b.label is None)
+        if a.label is not None:
+            np.testing.assert_array_equal(a.label, b.label)
+
+    image_path = os.path.join(root, "patient007", "patient007_frame01.nii.gz")
+    with open(image_path, "r+b") as f:
+        f.truncate(os.path.getsize(image_path) // 2)
+    with pytest.raises(sources.DataError, match="patient007_frame01"):
+        _load(root, str(tmp_path / "bad"), prepare_workers=2)
+
+
 def test_split_ids_and_labels_are_checked(acdc_root, tmp_path):
     data_dir = str(tmp_path / "prepared")
     with pytest.raises(sources.DataError, match=r"\['005'\]"):
