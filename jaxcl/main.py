@@ -5,7 +5,8 @@ checkpoint. Config values can be overridden on the command line, e.g.
 `--config.finetune.steps=100` or `--config=configs/synthetic.py:quick`.
 
 On a CPU-only machine the process first applies `jaxcl.runtime`'s XLA:CPU settings (it may
-re-execute itself once for huge pages), which is why the trainer is imported inside `main`.
+re-execute itself once for its memory allocator), which is why the trainer is imported inside
+`main`.
 """
 
 from absl import app, flags
