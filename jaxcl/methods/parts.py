@@ -132,7 +132,9 @@ class FineTuneInputs:
       key: initialisation key for any other network the method trains (a discriminator).
       labelled: the labelled training slices (`pipeline.SlicePool` with labels).
       unlabelled: `unlabelled()` -> the slices of the unlabelled pool (the pre-training pool
-        without the labelled and validation volumes), loaded on first call.
+        without the labelled and validation volumes), loaded on first call: a
+        `pipeline.SlicePool` in memory, or a `slice_store.SliceStore` read from disk when it is
+        larger than config.data.pretrain_memory_gb (both `pipeline.SliceIndex`es with `take`).
       local_device_count: devices of this process (batches are laid out per device).
       round_index: 0, 1, ... (`FineTuning.rounds`).
       initial: the UNet's `TrainState` before round 0 (the transferred initialisation), for a

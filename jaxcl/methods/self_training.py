@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcl.data import pipeline
+from jaxcl.data.sources import DataError
 from jaxcl.methods import supervised
 from jaxcl.methods.parts import FineTuneInputs, FineTuneParts
 
@@ -71,6 +72,13 @@ def build(inputs: FineTuneInputs) -> FineTuneParts:
     variables = {"params": inputs.state.params, "batch_stats": inputs.state.batch_stats}
     classes = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1))
     pool = inputs.unlabelled()
+    if not isinstance(pool, pipeline.SlicePool):
+        raise DataError(
+            "self-training labels every slice of the unlabelled pool in memory, but the pool is "
+            f"larger than config.data.pretrain_memory_gb={config.data.pretrain_memory_gb:g}: "
+            "raise it if the host has the memory, or list fewer pre-training volumes "
+            "(config.data.splits.pretrain)."
+        )
     labels = pseudo_labels(
         lambda x: classes(variables, x), pool.images, config.data.eval_chunk_size
     )

@@ -250,9 +250,11 @@ def _unet(config, data: DataContext) -> UNet:
     return UNet(num_classes=data.layout.num_classes, **parts.model_options(config))
 
 
-def _unlabelled_pool(config, data: DataContext, exclude: list[str]) -> pipeline.SlicePool:
+def _unlabelled_pool(config, data: DataContext, exclude: list[str]) -> pipeline.SliceIndex:
     """The slices of the pre-training pool without `exclude` (labelled and validation volumes):
-    the unlabelled images of a semi-supervised fine-tuning."""
+    the unlabelled images of a semi-supervised fine-tuning. In memory (a `pipeline.SlicePool`),
+    or a slice store on disk when they are larger than config.data.pretrain_memory_gb, as the
+    pre-training pool (docs/DATA.md)."""
     ids = [i for i in data.splits.get("pretrain") if i not in set(exclude)]
     if not ids:
         raise DataError(
@@ -260,7 +262,16 @@ def _unlabelled_pool(config, data: DataContext, exclude: list[str]) -> pipeline.
             "every pre-training volume is a labelled or validation one; add unlabelled images "
             "(a folder's imagesTs/ or config.data.unlabelled_roots)."
         )
-    return pipeline.build_slice_pool(data.volumes(ids), num_partitions=config.data.n_partitions)
+    gigabytes = data.pool_gigabytes(ids)
+    if gigabytes <= config.data.pretrain_memory_gb:
+        return pipeline.build_slice_pool(data.volumes(ids), num_partitions=config.data.n_partitions)
+    logging.info(
+        "finetune: the unlabelled pool (about %.3g GB) is larger than "
+        "config.data.pretrain_memory_gb=%g: its slices are read from a slice store.",
+        gigabytes,
+        config.data.pretrain_memory_gb,
+    )
+    return data.slice_store(ids, num_partitions=config.data.n_partitions)
 
 
 def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 from configs import folder
 from jaxcl.data import pipeline, streaming, synthetic_msd
 from jaxcl.data.context import DataContext
+from jaxcl.data.sources import DataError
 from jaxcl.train import trainer
 from jaxcl.train.parallel import DataParallel
 
@@ -61,3 +62,35 @@ def test_a_pre_training_from_the_store_ends_with_the_in_memory_loss(data, tmp_pa
     untimed = [{k: v for k, v in s.items() if k != "images_per_s"} for s in summaries]
     assert "loss" in untimed[0]
     assert untimed[0] == untimed[1]
+
+
+def _labelled_and_validation(config, data):
+    labelled_set, combination = config.data.labelled_set, config.data.combination
+    labelled = data.splits.get(labelled_set, combination)
+    return labelled + data.splits.get("val", f"{labelled_set}-{combination}")
+
+
+def test_unlabelled_pool_of_semi_supervised_fine_tuning_follows_the_same_budget(data):
+    exclude = _labelled_and_validation(data.config, data)
+    in_memory = trainer._unlabelled_pool(_config(data, 4.0), data, exclude)
+    stored = trainer._unlabelled_pool(_config(data, 0.0), data, exclude)
+    assert isinstance(in_memory, pipeline.SlicePool)
+    assert not isinstance(stored, pipeline.SlicePool)
+    assert stored.subject_ids == in_memory.subject_ids
+    assert not set(stored.subject_ids) & set(exclude)
+
+    def unlabelled_batches(pool):  # as supervised.with_unlabelled_images draws them
+        batches = pipeline.random_slice_batches(pool, num_slices=4, num_views=1, seed=3, stream=1)
+        return list(itertools.islice(batches.iterate(start_step=5), 2))
+
+    for a, b in zip(unlabelled_batches(in_memory), unlabelled_batches(stored), strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_self_training_on_an_unlabelled_pool_over_the_budget_says_what_to_change(data, tmp_path):
+    config = _config(data, 0.0)
+    config.stages = ("finetune",)
+    config.finetune.method = "self-training"
+    config.finetune.self_training_rounds = 1
+    with pytest.raises(DataError, match="config.data.pretrain_memory_gb=0"):
+        trainer.finetune(config, str(tmp_path), data)
