@@ -99,23 +99,30 @@ def _pretraining_batches(config, data: DataContext, stage: str, parallel: DataPa
         seed=config.seed,
         local_device_count=parallel.num_local_devices,
     )
-    pool_gigabytes = data.pool_gigabytes(pool_ids)
-    if pool_gigabytes <= config.data.pretrain_memory_gb:
-        volumes = data.volumes(pool_ids)
-        pool = pipeline.build_slice_pool(volumes, num_partitions=config.data.n_partitions)
+    pool = _slices(config, data, pool_ids, stage)
+    if isinstance(pool, pipeline.SlicePool):
         return recipe, make_batches(pool)
-    logging.info(
-        "%s: the pre-training pool (about %.3g GB) is larger than config.data.pretrain_memory_gb"
-        "=%g: its slices are read from a slice store with %d threads.",
-        stage,
-        pool_gigabytes,
-        config.data.pretrain_memory_gb,
-        config.data.stream_parallelism,
-    )
-    store = data.slice_store(pool_ids, num_partitions=config.data.n_partitions)
     return recipe, streaming.StreamedBatches(
-        make_batches(store), parallelism=config.data.stream_parallelism
+        make_batches(pool), parallelism=config.data.stream_parallelism
     )
+
+
+def _slices(config, data: DataContext, ids: list[str], stage: str) -> pipeline.SliceIndex:
+    """The slices of volumes `ids` for `stage`: a `pipeline.SlicePool` in memory, or a slice
+    store read from disk when they are larger than config.data.pretrain_memory_gb (the same
+    batches either way, docs/DATA.md)."""
+    gigabytes = data.pool_gigabytes(ids)
+    if gigabytes <= config.data.pretrain_memory_gb:
+        return pipeline.build_slice_pool(data.volumes(ids), num_partitions=config.data.n_partitions)
+    logging.info(
+        "%s: the pool of %d volumes (about %.3g GB) is larger than "
+        "config.data.pretrain_memory_gb=%g: its slices are read from a slice store.",
+        stage,
+        len(ids),
+        gigabytes,
+        config.data.pretrain_memory_gb,
+    )
+    return data.slice_store(ids, num_partitions=config.data.n_partitions)
 
 
 def _train(
@@ -262,16 +269,7 @@ def _unlabelled_pool(config, data: DataContext, exclude: list[str]) -> pipeline.
             "every pre-training volume is a labelled or validation one; add unlabelled images "
             "(a folder's imagesTs/ or config.data.unlabelled_roots)."
         )
-    gigabytes = data.pool_gigabytes(ids)
-    if gigabytes <= config.data.pretrain_memory_gb:
-        return pipeline.build_slice_pool(data.volumes(ids), num_partitions=config.data.n_partitions)
-    logging.info(
-        "finetune: the unlabelled pool (about %.3g GB) is larger than "
-        "config.data.pretrain_memory_gb=%g: its slices are read from a slice store.",
-        gigabytes,
-        config.data.pretrain_memory_gb,
-    )
-    return data.slice_store(ids, num_partitions=config.data.n_partitions)
+    return _slices(config, data, ids, "finetune")
 
 
 def finetune(config, workdir: str, data: DataContext) -> dict[str, Any]:
