@@ -108,6 +108,10 @@ class SliceIndex:
         """The images of pool rows ``rows`` (n,): (n, H, W) float32 (SlicePool, SliceStore)."""
         raise NotImplementedError(f"{type(self).__name__} holds no images; use a SlicePool.")
 
+    def take_labels(self, rows: np.ndarray) -> np.ndarray:
+        """The labels of pool rows ``rows`` (n,): (n, H, W) uint8, for a source with labels."""
+        raise NotImplementedError(f"{type(self).__name__} holds no labels; use a SlicePool.")
+
 
 def slice_index(
     subject_ids: Sequence[str], slice_counts: Sequence[int], num_partitions: int
@@ -149,6 +153,9 @@ class SlicePool(SliceIndex):
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         return np.take(self.images, rows, axis=0)
+
+    def take_labels(self, rows: np.ndarray) -> np.ndarray:
+        return np.take(self.labels, rows, axis=0)
 
 
 def build_slice_pool(
@@ -252,7 +259,7 @@ class StepBatches:
             "view_id": np.tile(np.arange(num_views, dtype=np.int32), num_units),
         }
         if self._with_labels:
-            batch["label"] = np.take(self.pool.labels, rows, axis=0).astype(np.int32)
+            batch["label"] = self.pool.take_labels(rows).astype(np.int32)
         if self._local_device_count is None:
             return batch
         return {k: v.reshape(self._local_device_count, -1, *v.shape[1:]) for k, v in batch.items()}
@@ -399,7 +406,7 @@ def paired_volume_batches(
 
 
 def labelled_batches(
-    pool: SlicePool,
+    pool: SliceIndex,
     *,
     batch_size: int,
     seed: int,
@@ -408,12 +415,15 @@ def labelled_batches(
     process_count: int | None = None,
     stream: int = 0,
 ) -> StepBatches:
-    """Fine-tuning batches: ``batch_size`` slices drawn uniformly with replacement, with labels.
+    """Fine-tuning batches: ``batch_size`` slices drawn uniformly with replacement, with labels
+    (``pool`` a `SlicePool` with labels, or a slice store with pseudo-labels).
 
     ``stream`` > 0 draws an independent sequence from the same seed (a second source of a run).
     """
     if pool.labels is None:
-        raise DataError("labelled_batches needs a pool built with labels (require_labels=True).")
+        raise DataError(
+            "labelled_batches needs a pool with labels: build_slice_pool(..., require_labels=True)."
+        )
     layout = _shard_layout(
         batch_size, "batch_size", "slices", local_device_count, process_index, process_count
     )

@@ -72,6 +72,7 @@ class SliceStore(pipeline.SliceIndex):
       row_part: (N,) int32 part file of each pool row.
       row_record: (N,) int64 record number of each pool row within its part.
       readers: one open ArrayRecord reader per part (thread-safe).
+      labels: the rows' labels in a `LabelFile` (self-training's pseudo-labels), or None.
     """
 
     directory: str
@@ -79,6 +80,7 @@ class SliceStore(pipeline.SliceIndex):
     row_part: np.ndarray
     row_record: np.ndarray
     readers: tuple[ArrayRecordReader, ...] = dataclasses.field(repr=False, compare=False)
+    labels: LabelFile | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """(n, S, S) float32 images of pool rows ``rows`` (n,); a row repeated is read once."""
@@ -92,6 +94,51 @@ class SliceStore(pipeline.SliceIndex):
             for position, record in zip(where, records, strict=True):
                 images[position] = np.frombuffer(record, np.float32).reshape(size, size)
         return images[inverse.reshape(-1)]
+
+    def take_labels(self, rows: np.ndarray) -> np.ndarray:
+        """(n, S, S) uint8 labels of pool rows ``rows`` (n,) from ``labels``."""
+        return self.labels.take(rows)
+
+
+class LabelFile:
+    """(N, S, S) uint8 labels of a pool's rows, written and read by row in an unnamed temporary
+    file (in ``TMPDIR``; the system deletes it when it is closed or the process ends).
+
+    Self-training keeps the pseudo-labels of a pool larger than memory here: a quarter of the
+    pool's float32 bytes on disk, and resident memory that does not grow with the pool (reads
+    use ``pread``, not a memory map).
+    """
+
+    def __init__(self, num_rows: int, image_size: int):
+        self.num_rows, self.image_size = num_rows, image_size
+        self._row_bytes = image_size * image_size
+        # Open for the object's lifetime: closing (or exiting) deletes the file.
+        self._file = tempfile.TemporaryFile(prefix="jaxcl-labels-")  # noqa: SIM115
+        self._file.truncate(num_rows * self._row_bytes)
+
+    def write(self, first_row: int, labels: np.ndarray) -> None:
+        """Stores (n, S, S) ``labels`` (as uint8) as rows ``first_row .. first_row + n - 1``."""
+        if labels.shape[1:] != (self.image_size, self.image_size):
+            raise ValueError(f"labels {labels.shape} are not (n, S, S) with S={self.image_size}")
+        if not 0 <= first_row <= self.num_rows - labels.shape[0]:
+            raise ValueError(f"rows {first_row}+{labels.shape[0]} exceed the {self.num_rows} rows")
+        data = memoryview(np.ascontiguousarray(labels, dtype=np.uint8)).cast("B")
+        offset = first_row * self._row_bytes
+        while data:  # a write may store fewer bytes than asked
+            written = os.pwrite(self._file.fileno(), data, offset)
+            data, offset = data[written:], offset + written
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """(n, S, S) uint8 labels of rows ``rows`` (n,)."""
+        rows = np.asarray(rows).reshape(-1)
+        size, descriptor = self.image_size, self._file.fileno()
+        labels = np.empty((rows.size, size, size), np.uint8)
+        for position, row in enumerate(rows.tolist()):
+            if not 0 <= row < self.num_rows:
+                raise IndexError(f"row {row} is outside the {self.num_rows} rows")
+            data = os.pread(descriptor, self._row_bytes, row * self._row_bytes)
+            labels[position] = np.frombuffer(data, np.uint8).reshape(size, size)
+        return labels
 
 
 def store_dir(data_dir: files.PathLike, variant: str, subject_ids: Sequence[str]) -> epath.Path:

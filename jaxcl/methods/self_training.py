@@ -4,7 +4,8 @@ Round 0 is the supervised fine-tuning. Each of the `config.finetune.self_trainin
 rounds (the paper's 3):
 
 1. the best-validation UNet of the round before labels every slice of the unlabelled pool with
-   its argmax (pseudo-labels, re-estimated every round; no CRF refinement);
+   its argmax (pseudo-labels, re-estimated every round; no CRF refinement), kept in memory, or
+   in a temporary file when the pool is read from a slice store;
 2. the UNet, starting from that best state, trains `config.finetune.steps` more steps on batches
    of which `config.finetune.pseudo_label_fraction` are pseudo-labelled slices and the rest
    labelled ones, with the supervised loss and augmentation, keeping its best validation state.
@@ -13,14 +14,14 @@ rounds (the paper's 3):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
-from jaxcl.data import pipeline
-from jaxcl.data.sources import DataError
+from jaxcl.data import pipeline, slice_store
 from jaxcl.methods import supervised
 from jaxcl.methods.parts import FineTuneInputs, FineTuneParts
 
@@ -33,17 +34,32 @@ def rounds(config) -> int:
 
 
 def pseudo_labels(
-    predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, chunk_size: int
-) -> np.ndarray:
-    """(N, H, W) uint8 labels `predict` gives (N, H, W) images, `chunk_size` slices at a time.
+    predict: Callable[[np.ndarray], np.ndarray], pool: pipeline.SliceIndex, chunk_size: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, (n, H, W) uint8 labels) of each `chunk_size` consecutive rows of `pool`, as
+    `predict` labels their images; a progress bar counts the slices.
 
     predict: (n, H, W, 1) float32 -> (n, H, W) class indices.
     """
-    chunks = [
-        np.asarray(predict(images[start : start + chunk_size, ..., None]))
-        for start in range(0, images.shape[0], chunk_size)
-    ]
-    return np.concatenate(chunks).astype(np.uint8)
+    with tqdm.tqdm(total=pool.num_slices, unit="slice", desc="pseudo-labels") as bar:
+        for start in range(0, pool.num_slices, chunk_size):
+            rows = np.arange(start, min(start + chunk_size, pool.num_slices))
+            yield start, np.asarray(predict(pool.take(rows)[..., None])).astype(np.uint8)
+            bar.update(rows.size)
+
+
+def with_pseudo_labels(
+    pool: pipeline.SliceIndex, predict: Callable[[np.ndarray], np.ndarray], chunk_size: int
+) -> pipeline.SliceIndex:
+    """`pool` with `pseudo_labels` as its labels: in memory for a `pipeline.SlicePool`, in a
+    temporary `slice_store.LabelFile` for a pool read from a slice store (docs/DATA.md)."""
+    chunks = pseudo_labels(predict, pool, chunk_size)
+    if isinstance(pool, pipeline.SlicePool):
+        return dataclasses.replace(pool, labels=np.concatenate([c for _, c in chunks]))
+    labels = slice_store.LabelFile(pool.num_slices, pool.image_size)
+    for first_row, chunk in chunks:
+        labels.write(first_row, chunk)
+    return dataclasses.replace(pool, labels=labels)
 
 
 def batch_split(batch_size: int, fraction: float, groups: int) -> tuple[int, int]:
@@ -71,18 +87,9 @@ def build(inputs: FineTuneInputs) -> FineTuneParts:
     config, model = inputs.config, inputs.model
     variables = {"params": inputs.state.params, "batch_stats": inputs.state.batch_stats}
     classes = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1))
-    pool = inputs.unlabelled()
-    if not isinstance(pool, pipeline.SlicePool):
-        raise DataError(
-            "self-training labels every slice of the unlabelled pool in memory, but the pool is "
-            f"larger than config.data.pretrain_memory_gb={config.data.pretrain_memory_gb:g}: "
-            "raise it if the host has the memory, or list fewer pre-training volumes "
-            "(config.data.splits.pretrain)."
-        )
-    labels = pseudo_labels(
-        lambda x: classes(variables, x), pool.images, config.data.eval_chunk_size
+    pseudo_pool = with_pseudo_labels(
+        inputs.unlabelled(), lambda x: classes(variables, x), config.data.eval_chunk_size
     )
-    pseudo_pool = dataclasses.replace(pool, labels=labels)
     labelled, pseudo = batch_split(
         config.finetune.batch_size,
         config.finetune.pseudo_label_fraction,

@@ -186,3 +186,19 @@ def test_volumes_shorter_than_the_partitions_are_refused(tmp_path):
     slice_store.build(tmp_path / "store", [lambda: iter(short)], ["short"], image_size=SIZE)
     with pytest.raises(DataError, match=r"\['short'\].*fewer slices than num_partitions=4"):
         slice_store.open_store(tmp_path / "store", NUM_PARTITIONS)
+
+
+def test_a_label_file_reads_back_the_rows_written_and_refuses_rows_outside():
+    labels = np.random.default_rng(0).integers(0, 4, (9, SIZE, SIZE)).astype(np.uint8)
+    label_file = slice_store.LabelFile(num_rows=9, image_size=SIZE)
+    label_file.write(5, labels[5:])  # in any order of chunks
+    label_file.write(0, labels[:5].astype(np.int32))  # class indices of any integer type
+    rows = np.array([8, 0, 4, 4, 5])
+    np.testing.assert_array_equal(label_file.take(rows), labels[rows])
+    assert label_file.take(rows).dtype == np.uint8
+    with pytest.raises(ValueError, match="exceed the 9 rows"):
+        label_file.write(7, labels[:3])
+    with pytest.raises(ValueError, match="not \\(n, S, S\\)"):
+        label_file.write(0, labels[:, :4])
+    with pytest.raises(IndexError, match="row 9 is outside"):
+        label_file.take(np.array([9]))

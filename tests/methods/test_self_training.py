@@ -8,24 +8,42 @@ import pytest
 
 from configs import synthetic
 from jaxcl import config_validation
-from jaxcl.data import pipeline
+from jaxcl.data import pipeline, slice_store
 from jaxcl.methods import parts, self_training
 from jaxcl.models.unet import UNet
 from jaxcl.train import steps
 
 
-def test_pseudo_labels_are_the_prediction_of_every_slice_across_chunks():
-    images = np.random.default_rng(0).uniform(0, 1, (7, 4, 4)).astype(np.float32)
-    calls = []
+class _Volume:
+    def __init__(self, index, rng, labelled, image=None):
+        self.subject_id = f"{index:03d}"
+        self.image = rng.uniform(0, 1, (4, 32, 32)).astype(np.float32) if image is None else image
+        self.label = rng.integers(0, 3, self.image.shape).astype(np.uint8) if labelled else None
 
+
+def _brighter_than_half(calls):
     def predict(x):  # class 1 where brighter than 0.5: an independent, known "network"
         calls.append(x.shape)
         return (x[..., 0] > 0.5).astype(np.int32)
 
-    labels = self_training.pseudo_labels(predict, images, chunk_size=3)
-    np.testing.assert_array_equal(labels, (images > 0.5).astype(np.uint8))
-    assert labels.dtype == np.uint8
+    return predict
+
+
+def test_pseudo_labels_are_the_prediction_of_every_slice_across_chunks(tmp_path):
+    images = np.random.default_rng(0).uniform(0, 1, (7, 4, 4)).astype(np.float32)
+    volume = _Volume(0, None, False, image=images)
+    pool = pipeline.build_slice_pool([volume], num_partitions=1)
+    calls = []
+    labelled = self_training.with_pseudo_labels(pool, _brighter_than_half(calls), chunk_size=3)
+    np.testing.assert_array_equal(labelled.labels, (images > 0.5).astype(np.uint8))
+    assert labelled.labels.dtype == np.uint8
     assert calls == [(3, 4, 4, 1), (3, 4, 4, 1), (1, 4, 4, 1)]
+    slice_store.build(tmp_path, [lambda: iter([volume])], [volume.subject_id], image_size=4)
+    store = slice_store.open_store(tmp_path, num_partitions=1)
+    stored = self_training.with_pseudo_labels(store, _brighter_than_half([]), chunk_size=3)
+    assert isinstance(stored.labels, slice_store.LabelFile)  # a pool on disk: labels on disk
+    rows = np.array([6, 0, 3, 3])
+    np.testing.assert_array_equal(stored.take_labels(rows), labelled.labels[rows])
 
 
 @pytest.mark.parametrize(
@@ -40,13 +58,6 @@ def test_batch_split_gives_whole_slices_per_device(batch, fraction, groups, expe
 def test_batch_split_refuses_an_empty_part(fraction):
     with pytest.raises(ValueError, match="pseudo_label_fraction"):
         self_training.batch_split(8, fraction, 4)
-
-
-class _Volume:
-    def __init__(self, index, rng, labelled):
-        self.subject_id = f"{index:03d}"
-        self.image = rng.uniform(0, 1, (4, 32, 32)).astype(np.float32)
-        self.label = rng.integers(0, 3, self.image.shape).astype(np.uint8) if labelled else None
 
 
 def test_a_later_round_trains_on_labelled_and_pseudo_labelled_slices():
