@@ -1,8 +1,10 @@
 """Process settings that make XLA:CPU train this UNet faster; applied by the entry points.
 
 Both are outside the model's math and only apply to CPU-only runs (no TPU or GPU plugin
-installed, or `JAX_PLATFORMS=cpu`); `JAXCL_CPU_TUNING=0` turns both off. They were measured with
-`benchmarks/model_step.py` and `benchmarks/train_step.py` (see docs/TRAINING.md):
+installed, or `JAX_PLATFORMS=cpu`); `JAXCL_CPU_TUNING=0` turns both off, and with them the
+convolutions' kernel gradients computed by TensorFlow on CPU (`jaxcl.models.convolution`).
+They were measured with `benchmarks/model_step.py` and `benchmarks/train_step.py` (see
+docs/TRAINING.md):
 
 - **Eigen convolutions.** jaxlib 0.10's XLA:CPU sends convolutions to YNNPACK by default, which
   runs this network's weight-gradient convolutions at about half the speed of XLA's Eigen

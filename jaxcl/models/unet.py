@@ -9,10 +9,12 @@ trained by the local model map onto the UNet's.
 Layouts are NHWC. `dtype` is the computation dtype of convolutions and dense layers (float32 or
 bfloat16); parameters and BatchNorm statistics stay float32 and BatchNorm normalises in float32.
 
-Three operations are written in an equivalent form that XLA:CPU runs much faster (see
-benchmarks/model_step.py): the 2x2 max-pooling (`max_pool_2x2`, explicit gradient), the
-decoder's up-convolution (`upsample_conv_2x`, computed on the low-resolution map) and each
-BatchNorm + ReLU (`BatchNormReLU`, explicit gradient).
+Four operations are written in an equivalent form that XLA:CPU runs much faster (see
+benchmarks/model_step.py and benchmarks/conv_gradients.py): the 2x2 max-pooling
+(`max_pool_2x2`, explicit gradient), the decoder's up-convolution (`upsample_conv_2x`, computed on
+the low-resolution map), each BatchNorm + ReLU (`BatchNormReLU`, explicit gradient) and each
+convolution (`convolution.Conv` / `conv_same`, whose kernel gradient TensorFlow's oneDNN kernel
+computes on CPU).
 """
 
 from collections.abc import Sequence
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from jaxcl.models.batch_norm_relu import BatchNormReLU
+from jaxcl.models.convolution import Conv, conv_same
 
 DEFAULT_FILTERS = (16, 32, 64, 128, 128, 128)
 NUM_LEVELS = 6
@@ -94,12 +97,6 @@ def check_input_size(height: int, width: int) -> None:
         )
 
 
-def _conv(x: jnp.ndarray, kernel: jnp.ndarray, padding) -> jnp.ndarray:
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
 def upsample_conv_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """A 2x2 SAME convolution of the nearest-2x-upsampled x, without the upsampled map.
 
@@ -119,14 +116,13 @@ def upsample_conv_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """
     (k00, k01), (k10, k11) = kernel = kernel.astype(jnp.promote_types(kernel.dtype, x.dtype))
 
-    def conv(phase_kernel, padding):
-        return _conv(x, phase_kernel.astype(x.dtype), padding)
+    def conv(phase_kernel):  # SAME pads a 2-tap axis at the end only, a 1-tap axis not at all
+        return conv_same(x, phase_kernel.astype(x.dtype))
 
-    no_pad, pad_end = (0, 0), (0, 1)
-    phase00 = conv((k00 + k01 + k10 + k11)[None, None], (no_pad, no_pad))
-    phase01 = conv(jnp.stack([k00 + k10, k01 + k11])[None], (no_pad, pad_end))
-    phase10 = conv(jnp.stack([k00 + k01, k10 + k11])[:, None], (pad_end, no_pad))
-    phase11 = conv(kernel, (pad_end, pad_end))
+    phase00 = conv((k00 + k01 + k10 + k11)[None, None])
+    phase01 = conv(jnp.stack([k00 + k10, k01 + k11])[None])
+    phase10 = conv(jnp.stack([k00 + k01, k10 + k11])[:, None])
+    phase11 = conv(kernel)
     row0 = jnp.stack([phase00, phase01], axis=3)  # (B, H, W, 2, C_out): column phase b
     row1 = jnp.stack([phase10, phase11], axis=3)
     y = jnp.stack([row0, row1], axis=2)  # (B, H, 2, W, 2, C_out): row phase a
@@ -224,10 +220,9 @@ class ConvBNReLU(nn.Module):
                 )
             x = UpsampleConv(self.features, self.dtype, name="conv")(x)
         else:
-            x = nn.Conv(
+            x = Conv(
                 self.features,
-                self.kernel_size,
-                padding="SAME",
+                tuple(self.kernel_size),
                 use_bias=False,
                 kernel_init=he_normal,
                 dtype=self.dtype,
@@ -369,10 +364,9 @@ class SegmentationHead(nn.Module):
                 self.features, dtype=self.dtype, axis_name=self.axis_name, name=f"conv{index}"
             )(x, train)
         # Linear output layer: LeCun-normal (flax's default) keeps the logits' scale at init.
-        x = nn.Conv(
+        x = Conv(
             self.num_classes,
             (3, 3),
-            padding="SAME",
             dtype=self.dtype,
             param_dtype=jnp.float32,
             promote_dtype=float32_bias,

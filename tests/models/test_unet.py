@@ -176,6 +176,16 @@ def test_bad_filters_and_num_blocks_raise():
             _shapes(unet.Decoder(num_blocks), bottleneck, skips)
 
 
+def _equations(jaxpr):
+    """The equations of `jaxpr` and of the jaxprs inside them (custom-gradient calls)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _equations(inner)
+
+
 def test_bfloat16_computes_in_bf16_with_float32_params():
     model = unet.UNet(num_classes=2, filters=SMALL_FILTERS, dtype=jnp.bfloat16)
     logits, variables = _shapes(model, _image(32))
@@ -186,7 +196,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params():
     )
     conv_inputs = [
         (eqn.invars[0].aval.dtype, eqn.invars[1].aval.dtype)
-        for eqn in jaxpr.jaxpr.eqns
+        for eqn in _equations(jaxpr.jaxpr)
         if eqn.primitive.name == "conv_general_dilated"
     ]
     # encoder, decoder, head; each 2x2 up-convolution runs as four phase convolutions (3 extra each)

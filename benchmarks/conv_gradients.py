@@ -1,0 +1,107 @@
+r"""Per-layer speed of the UNet's convolutions at 192², batch 20: forward, input gradient and
+kernel gradient by XLA, and the kernel gradient `jaxcl.models.convolution` takes on CPU
+(TensorFlow's `Conv2DBackpropFilter`, called in place from the jitted step).
+
+Each line is one (H, C_in -> C_out) 3x3 convolution of the network (encoder, decoder with its
+concatenated skips, the 16 -> 4 logits), timed as its own jitted function (median of
+`--repeats` calls after 2 warm-up calls), with GFLOP/s counting a multiply-add as 2 FLOPs.
+Inside a training step the host kernel gradient runs slower than here (its operands come cold
+from memory); `benchmarks/train_step.py` measures whole steps.
+
+  PYTHONPATH=. python benchmarks/conv_gradients.py
+"""
+
+from jaxcl import runtime
+
+if __name__ == "__main__":
+    runtime.tune_cpu_process()
+
+import functools  # noqa: E402 - after the process settings above
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from jaxcl.models import convolution  # noqa: E402
+
+_BATCH = flags.DEFINE_integer("batch", 20, "Images per call (the fine-tuning batch).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed calls per measurement (median reported).")
+# (H, C_in, C_out) of the UNet's 3x3 convolutions at 192² with the default filters.
+LAYERS = (
+    (192, 1, 16),
+    (192, 16, 16),
+    (96, 16, 32),
+    (96, 32, 32),
+    (48, 32, 64),
+    (48, 64, 64),
+    (24, 64, 128),
+    (24, 128, 128),
+    (12, 128, 128),
+    (6, 128, 128),
+    (192, 32, 16),
+    (96, 64, 32),
+    (48, 128, 64),
+    (24, 256, 128),
+    (192, 16, 4),
+)
+
+
+def _median_ms(function: Callable, *args) -> float:
+    for _ in range(2):
+        jax.block_until_ready(function(*args))
+    times = []
+    for _ in range(_REPEATS.value):
+        start = time.perf_counter()
+        jax.block_until_ready(function(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _input_gradient(x, kernel, cotangent):
+    return jax.vjp(lambda x: convolution.conv_same(x, kernel), x)[1](cotangent)
+
+
+def layer_times(size: int, c_in: int, c_out: int) -> list[float]:
+    """Milliseconds of the forward pass, the input gradient, XLA's and the host's kernel
+    gradient of one (size², c_in -> c_out) 3x3 convolution."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (_BATCH.value, size, size, c_in))
+    kernel = jax.random.normal(keys[1], (3, 3, c_in, c_out))
+    cotangent = jax.random.normal(keys[2], (_BATCH.value, size, size, c_out))
+
+    def kernel_gradient():  # a new function each time: jit's trace cache does not mix them
+        return jax.jit(functools.partial(convolution.kernel_gradient, kernel_shape=kernel.shape))
+
+    with convolution.xla_kernel_gradients():
+        xla_kernel_gradient = kernel_gradient().lower(x, cotangent).compile()
+    host_kernel_gradient = kernel_gradient().lower(x, cotangent).compile()
+    return [
+        _median_ms(jax.jit(convolution.conv_same), x, kernel),
+        _median_ms(jax.jit(_input_gradient), x, kernel, cotangent),
+        _median_ms(xla_kernel_gradient, x, cotangent),
+        _median_ms(host_kernel_gradient, x, cotangent),
+    ]
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; host kernel gradients: "
+        f"{convolution.host_kernel_gradients_enabled()}"
+    )
+    columns = ("forward", "input grad", "kernel grad XLA", "kernel grad host")
+    print(f"{'layer':>16s} " + "".join(f"{c:>24s}" for c in columns))
+    totals = [0.0] * len(columns)
+    for size, c_in, c_out in LAYERS:
+        times = layer_times(size, c_in, c_out)
+        gflop = 2 * _BATCH.value * size * size * 9 * c_in * c_out / 1e9
+        cells = "".join(f"{t:9.1f} ms ({gflop / t * 1e3:5.0f} GF/s)" for t in times)
+        print(f"{size:4d}² {c_in:4d}->{c_out:4d} {cells}", flush=True)
+        totals = [a + b for a, b in zip(totals, times, strict=True)]
+    print(f"{'total':>16s} " + "".join(f"{t:21.1f} ms" for t in totals))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,250 @@
+"""Stride-1 SAME 2D convolutions whose kernel gradient comes from oneDNN on CPU.
+
+XLA:CPU computes a convolution's kernel (weight) gradient as a second convolution with a
+batch-minor layout: it transposes both operands and hands Eigen a contraction over
+batch x height x width with a (kh, kw, C_in, C_out) result. At the UNet's shapes that runs at
+25-85 GFLOP/s, against 115-280 GFLOP/s for the same layers' forward pass, and was the largest
+part of a CPU training step. TensorFlow's CPU kernel for the same gradient
+(`Conv2DBackpropFilter`, oneDNN) runs at 150-340 GFLOP/s (`benchmarks/conv_gradients.py`).
+TensorFlow is a dependency already (TFDS), so on CPU `conv_same`'s backward pass computes the
+kernel gradient there:
+
+- `jax.experimental.buffer_callback` hands the callback XLA's buffers; TensorFlow reads them
+  through DLPack without a copy (a copy only if one is not 64-byte aligned, which its kernels
+  require) and the small result is written into XLA's output buffer;
+- TensorFlow runs on a thread of its own (on XLA's worker threads its convolutions crashed,
+  their stacks being too small), one call at a time;
+- the input gradient (XLA's) waits for the kernel gradient, so that the two do not compete for
+  the cores: that made both slower.
+
+The forward pass and the input gradient stay XLA's. GPU and TPU (`jax.lax.platform_dependent`),
+dtypes other than float32 / float64, `JAXCL_CPU_TUNING=0` and code inside
+`xla_kernel_gradients()` use XLA's kernel gradient. The results agree with XLA's up to float
+rounding (equal to 1e-10 in float64, tests/models/test_convolution.py) and are deterministic.
+
+`Conv` is the flax module: the parameters (`kernel`, optional `bias`), their shapes, initial
+values and dtype promotion are those of `flax.linen.Conv` with padding "SAME".
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen.dtypes import promote_dtype
+from jax.experimental import buffer_callback
+
+from jaxcl import runtime
+
+Dtype = Any
+
+# Dtypes whose kernel gradient TensorFlow computes on CPU (oneDNN for float32).
+_HOST_DTYPES = (jnp.float32, jnp.float64)
+
+
+def _xla_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@jax.custom_vjp
+def conv_same(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """A stride-1 SAME convolution, `jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME")`.
+
+    SAME pads (k - 1) // 2 before and the rest after, as XLA and TensorFlow both do.
+
+    Args:
+      x: (B, H, W, C_in).
+      kernel: (kh, kw, C_in, C_out), same dtype as x.
+
+    Returns:
+      (B, H, W, C_out); the kernel gradient on CPU comes from `kernel_gradient`.
+    """
+    return _xla_conv(x, kernel)
+
+
+def _conv_same_fwd(x, kernel):
+    return _xla_conv(x, kernel), (x, kernel)
+
+
+def _conv_same_bwd(residuals, cotangent):
+    x, kernel = residuals
+    kernel_grad, cotangent = _kernel_gradient_first(x, cotangent, kernel.shape)
+    _, input_vjp = jax.vjp(lambda inputs: _xla_conv(inputs, kernel), x)
+    (input_grad,) = input_vjp(cotangent)
+    return input_grad, kernel_grad
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
+def xla_kernel_gradient(
+    x: jnp.ndarray, cotangent: jnp.ndarray, kernel_shape: tuple[int, ...]
+) -> jnp.ndarray:
+    """d<cotangent, conv_same(x, k)>/dk by XLA: (kh, kw, C_in, C_out) in x's dtype."""
+    _, kernel_vjp = jax.vjp(lambda k: _xla_conv(x, k), jnp.zeros(kernel_shape, x.dtype))
+    return kernel_vjp(cotangent)[0]
+
+
+def kernel_gradient(
+    x: jnp.ndarray, cotangent: jnp.ndarray, kernel_shape: tuple[int, ...]
+) -> jnp.ndarray:
+    """d<cotangent, conv_same(x, k)>/dk: TensorFlow's CPU kernel on CPU for float32 / float64,
+    XLA's elsewhere.
+
+    Args:
+      x: (B, H, W, C_in).
+      cotangent: (B, H, W, C_out), same dtype as x.
+      kernel_shape: (kh, kw, C_in, C_out).
+
+    Returns:
+      (kh, kw, C_in, C_out) in x's dtype.
+    """
+    return _kernel_gradient_first(x, cotangent, kernel_shape)[0]
+
+
+def _kernel_gradient_first(x, cotangent, kernel_shape):
+    """(`kernel_gradient`, cotangent); on CPU the cotangent returned is only ready once the
+    kernel gradient is, so that XLA computes the input gradient after TensorFlow's kernel
+    gradient and not at the same time (the two competing for the cores made both slower)."""
+    kernel_shape = tuple(kernel_shape)
+
+    def on_other_platforms(x, cotangent):
+        return xla_kernel_gradient(x, cotangent, kernel_shape), cotangent
+
+    if x.dtype not in _HOST_DTYPES or not host_kernel_gradients_enabled():
+        return on_other_platforms(x, cotangent)
+    # The callback reads XLA's buffers in place and writes the result into XLA's output buffer:
+    # no copies of the (B, H, W, C) operands.
+    host = buffer_callback.buffer_callback(
+        functools.partial(_write_host_kernel_gradient, kernel_shape=kernel_shape),
+        jax.ShapeDtypeStruct(kernel_shape, x.dtype),
+        vmap_method="sequential",
+    )
+
+    def on_cpu(x, cotangent):
+        return jax.lax.optimization_barrier((host(x, cotangent), cotangent))
+
+    return jax.lax.platform_dependent(x, cotangent, cpu=on_cpu, default=on_other_platforms)
+
+
+def host_kernel_gradients_enabled() -> bool:
+    """Whether `conv_same` traces the host kernel gradient for CPU: yes, unless inside
+    `xla_kernel_gradients()` or with JAXCL_CPU_TUNING=0 (`jaxcl.runtime.tuning_enabled`)."""
+    return _HOST_KERNEL_GRADIENTS.get() and runtime.tuning_enabled(os.environ)
+
+
+@contextlib.contextmanager
+def xla_kernel_gradients() -> Iterator[None]:
+    """Within it, `conv_same` traces XLA's kernel gradient on every platform: what XLA's cost
+    analysis can count (`benchmarks/train_step.py` takes the step's FLOPs from it)."""
+    token = _HOST_KERNEL_GRADIENTS.set(False)
+    try:
+        yield
+    finally:
+        _HOST_KERNEL_GRADIENTS.reset(token)
+
+
+_HOST_KERNEL_GRADIENTS = contextvars.ContextVar("host_kernel_gradients", default=True)
+
+
+def _write_host_kernel_gradient(context, out, x, cotangent, *, kernel_shape):
+    del context  # a stream on GPU; nothing on CPU
+    np.asarray(out)[...] = host_kernel_gradient(x, cotangent, kernel_shape)
+
+
+def host_kernel_gradient(x, cotangent, kernel_shape: tuple[int, ...]) -> np.ndarray:
+    """`xla_kernel_gradient` on the host by TensorFlow's `Conv2DBackpropFilter` (oneDNN for
+    float32).
+
+    Args:
+      x: (B, H, W, C_in) and
+      cotangent: (B, H, W, C_out) host arrays exporting DLPack (numpy arrays, XLA:CPU buffers),
+        read in place.
+      kernel_shape: (kh, kw, C_in, C_out).
+
+    Returns:
+      (kh, kw, C_in, C_out) numpy array in x's dtype.
+    """
+
+    def compute():
+        tf = _tensorflow()
+        return tf.raw_ops.Conv2DBackpropFilter(
+            input=_tensor(tf, x),
+            filter_sizes=kernel_shape,
+            out_backprop=_tensor(tf, cotangent),
+            strides=[1, 1, 1, 1],
+            padding="SAME",
+        ).numpy()
+
+    # On a thread of its own: XLA runs callbacks on its worker threads, whose stacks are too
+    # small for TensorFlow's convolution (it crashed there).
+    return _TENSORFLOW_THREAD.submit(compute).result()
+
+
+def _tensor(tf, array):
+    """A TensorFlow tensor of a host array exporting DLPack: the same memory when it is aligned
+    as TensorFlow's kernels require (they abort the process otherwise), else a copy."""
+    if np.asarray(array).ctypes.data % _TENSORFLOW_ALIGNMENT:
+        return tf.constant(np.asarray(array))
+    return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+
+
+_TENSORFLOW_ALIGNMENT = 64  # bytes (Eigen's EIGEN_MAX_ALIGN_BYTES in TensorFlow's CPU build)
+_TENSORFLOW_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tensorflow")
+
+
+@functools.cache
+def _tensorflow():
+    """TensorFlow (imported on `_TENSORFLOW_THREAD` only), its eager context started."""
+    import tensorflow as tf  # noqa: PLC0415 - only the CPU backward pass needs it
+
+    tf.constant(0.0).numpy()
+    return tf
+
+
+class Conv(nn.Module):
+    """`flax.linen.Conv` with padding "SAME" and stride 1, computed by `conv_same`.
+
+    Attributes:
+      features: output channels.
+      kernel_size: (kh, kw).
+      use_bias: add a learned (features,) bias.
+      dtype: computation dtype (None: from the inputs and parameters, as flax).
+      param_dtype: parameter dtype.
+      kernel_init, bias_init: as flax's defaults (LeCun normal, zeros) unless given.
+      promote_dtype: casts (inputs, kernel, bias) to the computation dtype, as flax's.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+    promote_dtype: Callable = promote_dtype
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """x: (B, H, W, C_in) -> (B, H, W, features)."""
+        kernel_shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = (
+            self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias
+            else None
+        )
+        x, kernel, bias = self.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = conv_same(x, kernel)
+        return y if bias is None else y + bias
