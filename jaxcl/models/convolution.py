@@ -41,7 +41,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
-from jax.experimental import buffer_callback
+
+try:
+    from jax.experimental import buffer_callback
+except ImportError:  # an older jax: XLA's kernel gradients everywhere
+    buffer_callback = None
 
 from jaxcl import runtime
 
@@ -140,8 +144,13 @@ def _kernel_gradient_first(x, cotangent, kernel_shape):
 
 def host_kernel_gradients_enabled() -> bool:
     """Whether `conv_same` traces the host kernel gradient for CPU: yes, unless inside
-    `xla_kernel_gradients()` or with JAXCL_CPU_TUNING=0 (`jaxcl.runtime.tuning_enabled`)."""
-    return _HOST_KERNEL_GRADIENTS.get() and runtime.tuning_enabled(os.environ)
+    `xla_kernel_gradients()`, with JAXCL_CPU_TUNING=0 (`jaxcl.runtime.tuning_enabled`) or with a
+    jax without `jax.experimental.buffer_callback`."""
+    return (
+        buffer_callback is not None
+        and _HOST_KERNEL_GRADIENTS.get()
+        and runtime.tuning_enabled(os.environ)
+    )
 
 
 @contextlib.contextmanager
