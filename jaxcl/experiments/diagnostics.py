@@ -118,6 +118,16 @@ def validation(init: str, labelled_set: str, cells: Sequence[Sequence[dict]]) ->
     )
 
 
+def exported_round_metrics(finetune_dir):
+    """The metrics file of the round whose best state a fine-tuning exported (and the cell
+    evaluated): the last `round<r>/` of a method trained in rounds (self-training, task-driven
+    augmentation; docs/METHOD.md), else the fine-tuning's only one."""
+    rounds = list(finetune_dir.glob(f"round*/{METRICS}"))
+    if not rounds:
+        return finetune_dir / METRICS
+    return max(rounds, key=lambda path: int(path.parts[-3].removeprefix("round")))
+
+
 def collect(workdir: files.PathLike) -> tuple[list[LossCurve], list[Validation]]:
     """The pre-training curves and per-(init, |X_tr|) validations of a sweep workdir."""
     root = files.path(workdir)
@@ -140,7 +150,7 @@ def collect(workdir: files.PathLike) -> tuple[list[LossCurve], list[Validation]]
         init, labelled_set = path.parts[-7], path.parts[-6]
         finished = (path.parents[2] / "evaluate" / DONE_FILE).exists()  # as report.collect
         if finished and init in plan.INITIALISATIONS and plan.is_labelled_set(labelled_set):
-            metrics = read_metrics(path)
+            metrics = read_metrics(exported_round_metrics(path.parents[1]))
             if any("val_dice" in m for m in metrics) and any("loss" in m for m in metrics):
                 groups.setdefault((init, labelled_set), []).append(metrics)
     sets = plan.sorted_labelled_sets(labelled_set for _, labelled_set in groups)
@@ -164,7 +174,8 @@ def diagnostics_markdown(curves: Sequence[LossCurve], validations: Sequence[Vali
     lines += [
         "",
         "Fine-tuning validation (means over the cells; the best validation checkpoint is the "
-        "one evaluated on the test set):",
+        "one evaluated on the test set; a fine-tuning trained in rounds, such as self-training "
+        "or task-driven augmentation, by its last round, whose checkpoint that is):",
         "",
         "| initialisation | \\|X_tr\\| | cells | best val Dice | at step | best in last 10 % "
         "| last val Dice | last training loss |",

@@ -93,3 +93,18 @@ def test_collect_reads_the_workdir_and_writes_two_tables(tmp_path):
     assert "| G^D | global | 20 | 4.0000 | 4.0000 | 3.0000 | +0.0 % |" in markdown
     assert "| random | 1 | 2 | 0.400 | 15 of 20 | 1/2 | 0.350 | 0.4500 |" in markdown
     assert "| random | all | 1 | 0.800 | 20 of 20 | 1/1 | 0.800 | 0.1000 |" in markdown
+
+
+def test_a_fine_tuning_in_rounds_is_read_from_its_last_round(tmp_path):
+    workdir = str(tmp_path)
+    _finetune(workdir, "self-training", "tr1", "c1", [0.2, 0.3], [0.9, 0.8])  # round 0
+    finetune_dir = os.path.join(
+        plan.cell_dir(workdir, plan.Cell("self-training", "tr1", "c1", 0)), "finetune"
+    )
+    for index, dice in ((2, 0.7), (10, 0.9), (1, 0.5)):  # round 10 sorts before 2 as text
+        records = [{"step": 10, "loss": 0.1 * index}, {"step": 10, "val_dice": dice}]
+        _write_metrics(os.path.join(finetune_dir, f"round{index}"), records)
+
+    _, [validation] = diagnostics.collect(workdir)
+
+    assert (validation.best_dice, validation.last_loss) == pytest.approx((0.9, 1.0))
