@@ -7,7 +7,7 @@ They were measured with `benchmarks/model_step.py` and `benchmarks/train_step.py
 docs/TRAINING.md):
 
 - **Eigen convolutions.** jaxlib 0.10's XLA:CPU sends convolutions to YNNPACK by default, which
-  makes this network's training steps 1.2-1.3x slower than XLA's Eigen convolutions
+  makes this network's training steps 1.15-1.3x slower than XLA's Eigen convolutions
   (docs/TRAINING.md). `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` keeps YNNPACK
   for dots and reductions only. XLA reads XLA_FLAGS when its CPU backend starts, so this must
   run before the first jax computation; an unknown flag aborts XLA, so it is only added for the
