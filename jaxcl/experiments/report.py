@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from jaxcl import figures, files
 from jaxcl.experiments import claims, diagnostics, plan, plot, records, table
@@ -159,19 +160,24 @@ def write_report(
 
     Args:
       export_markdown: also write the Markdown report to this path (e.g. docs/RESULTS.md), with
-        the plot beside it under the same stem (docs/RESULTS.png).
+        the plot beside it under the same stem (docs/RESULTS.png) and results.csv in the same
+        folder; these copies name the workdir "DIR", so that their commands run anywhere.
 
     Returns:
       The finished cells' results.
     """
     results = collect(workdir)
     lines = provenance(workdir, dataset=dataset, command=command, commit=commit)
-    outputs = [(files.path(workdir) / MARKDOWN_FILE, files.path(workdir) / PLOT_FILE)]
+    root = files.path(workdir)
+    outputs = [(root / CSV_FILE, root / MARKDOWN_FILE, root / PLOT_FILE, lines)]
     if export_markdown is not None:
         exported = files.path(export_markdown)
-        outputs.append((exported, exported.with_suffix(".png")))
-    files.write_atomically(files.path(workdir) / CSV_FILE, table.csv_text(results, lines))
-    for markdown_path, plot_path in outputs:
+        anywhere = [line.replace(os.fspath(workdir), "DIR") for line in lines]
+        outputs.append(
+            (exported.parent / CSV_FILE, exported, exported.with_suffix(".png"), anywhere)
+        )
+    for csv_path, markdown_path, plot_path, lines in outputs:
+        files.write_atomically(csv_path, table.csv_text(results, lines))
         markdown = _markdown(results, dataset, lines, workdir, plot_name=plot_path.name)
         files.write_atomically(markdown_path, markdown)
         if plot_png and results:

@@ -178,9 +178,16 @@ def test_only_report_rewrites_the_outputs(quick_sweep, sweep_dirs):
     markdown = (workdir / report.MARKDOWN_FILE).read_text()
     assert "this report: python -m jaxcl.experiments" in markdown
     assert (workdir / report.PLOT_FILE).exists()
-    # The exported copy is the same report, pointing at its own plot beside it.
-    assert exported.read_text() == markdown.replace(f"]({report.PLOT_FILE})", "](RESULTS.png)")
+    # The exported copies are the same report and table, pointing at their own plot beside
+    # them, with the workdir named DIR in their commands.
+    anywhere = markdown.replace(str(workdir), "DIR")
+    assert anywhere != markdown
+    assert exported.read_text() == anywhere.replace(f"]({report.PLOT_FILE})", "](RESULTS.png)")
     assert exported.with_name("RESULTS.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table_text = (workdir / report.CSV_FILE).read_text()
+    assert exported.with_name(report.CSV_FILE).read_text() == table_text.replace(
+        str(workdir), "DIR"
+    )
 
 
 def test_sigterm_exits_143_and_the_rerun_resumes_the_cell(sweep_dirs):
