@@ -118,7 +118,7 @@ def validation(init: str, labelled_set: str, cells: Sequence[Sequence[dict]]) ->
     )
 
 
-def exported_round_metrics(finetune_dir):
+def _exported_round_metrics(finetune_dir):
     """The metrics file of the round whose best state a fine-tuning exported (and the cell
     evaluated): the last `round<r>/` of a method trained in rounds (self-training, task-driven
     augmentation; docs/METHOD.md), else the fine-tuning's only one."""
@@ -150,7 +150,7 @@ def collect(workdir: files.PathLike) -> tuple[list[LossCurve], list[Validation]]
         init, labelled_set = path.parts[-7], path.parts[-6]
         finished = (path.parents[2] / "evaluate" / DONE_FILE).exists()  # as report.collect
         if finished and init in plan.INITIALISATIONS and plan.is_labelled_set(labelled_set):
-            metrics = read_metrics(exported_round_metrics(path.parents[1]))
+            metrics = read_metrics(_exported_round_metrics(path.parents[1]))
             if any("val_dice" in m for m in metrics) and any("loss" in m for m in metrics):
                 groups.setdefault((init, labelled_set), []).append(metrics)
     sets = plan.sorted_labelled_sets(labelled_set for _, labelled_set in groups)
