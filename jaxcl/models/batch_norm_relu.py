@@ -13,7 +13,14 @@ cross-replica too) from the closed form:
   dz = scale / sqrt(var + eps) · (g - mean(g) - u · mean(g·u))
   (means over the whole batch, across replicas when `axis_name` is set).
 
-XLA's cost analysis counts 7-8% fewer bytes per training step with it (docs/TRAINING.md).
+The backward pass recomputes the ReLU mask from z and takes mean(g·u) as
+(mean(g·z) - mean · mean(g)) / sqrt(var + eps), so XLA does not write u (or z - mean) out as a
+tensor of its own: one activation-sized write and read less per layer. Like the forward pass's
+E[z²] - E[z]² (flax's fast variance), this loses float32 digits when |mean| >> std; float32
+gradients stay as close to float64 ones as flax's own (tested).
+
+XLA's cost analysis counts 7-8% fewer bytes per training step than flax's BatchNorm + ReLU with
+autodiff, and 8-10% fewer again with the two points above (docs/TRAINING.md).
 
 Parameters (`scale`, `bias`) and running statistics (`batch_stats/mean`, `batch_stats/var`) have
 the paths, shapes and initial values of `nn.BatchNorm`, so checkpoints and transfers are unchanged.
@@ -79,22 +86,24 @@ def batch_norm_relu(
 
 def _forward(z, scale, bias, epsilon, axis_name):
     y, mean, var = batch_norm_relu(z, scale, bias, epsilon, axis_name)
-    return (y, mean, var), (z, y, scale, mean, var)
+    return (y, mean, var), (z, scale, bias, mean, var)
 
 
 def _backward(epsilon, axis_name, residuals, cotangents):
-    z, y, scale, mean, var = residuals
+    z, scale, bias, mean, var = residuals
     dy = _wide(cotangents[0])
     axes = tuple(range(z.ndim - 1))
     inverse_std = lax.rsqrt(var + epsilon)
-    u = (_wide(z) - mean) * inverse_std
-    g = jnp.where(y > 0, dy, 0.0)
-    mean_g, mean_gu = jnp.mean(g, axes), jnp.mean(g * u, axes)
+    wide_z = _wide(z)
+    g = jnp.where((wide_z - mean) * (scale * inverse_std) + bias > 0, dy, 0.0)
+    mean_g = jnp.mean(g, axes)
+    mean_gu = (jnp.mean(g * wide_z, axes) - mean * mean_g) * inverse_std
     count = z.size // z.shape[-1]
     d_scale, d_bias = mean_gu * count, mean_g * count  # sums over this replica's batch
     if axis_name is not None:
         mean_g, mean_gu = lax.pmean((mean_g, mean_gu), axis_name)
-    dz = (scale * inverse_std) * (g - mean_g - u * mean_gu)
+    gain = scale * inverse_std
+    dz = gain * (g - mean_g) - (wide_z - mean) * (gain * inverse_std * mean_gu)
     return dz.astype(z.dtype), d_scale, d_bias
 
 

@@ -123,10 +123,9 @@ def upsample_conv_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     phase01 = conv(jnp.stack([k00 + k10, k01 + k11])[None])
     phase10 = conv(jnp.stack([k00 + k01, k10 + k11])[:, None])
     phase11 = conv(kernel)
-    row0 = jnp.stack([phase00, phase01], axis=3)  # (B, H, W, 2, C_out): column phase b
-    row1 = jnp.stack([phase10, phase11], axis=3)
-    y = jnp.stack([row0, row1], axis=2)  # (B, H, 2, W, 2, C_out): row phase a
-    batch, height, _, width, _, channels = y.shape
+    batch, height, width, channels = phase00.shape
+    y = jnp.stack([phase00, phase01, phase10, phase11], axis=3)  # (B, H, W, 4, C_out): 2a + b
+    y = y.reshape(batch, height, width, 2, 2, channels).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(batch, 2 * height, 2 * width, channels)
 
 
