@@ -1,6 +1,7 @@
-r"""Per-layer speed of the UNet's convolutions at 192², batch 20: forward, input gradient and
-kernel gradient by XLA, and the kernel gradient `jaxcl.models.convolution` takes on CPU
-(TensorFlow's `Conv2DBackpropFilter`, called in place from the jitted step).
+r"""Per-layer speed of the UNet's convolutions at 192², batch 20: forward pass, input gradient and
+kernel gradient, each by XLA alone and as `jaxcl.models.convolution` computes it on CPU (the
+kernel gradient by TensorFlow's `Conv2DBackpropFilter`, called in place from the jitted step;
+the taps' sum for one input channel).
 
 Each line is one (H, C_in -> C_out) 3x3 convolution of the network (encoder, decoder with its
 concatenated skips, the 16 -> 4 logits), timed as its own jitted function (median of
@@ -64,34 +65,43 @@ def _input_gradient(x, kernel, cotangent):
 
 
 def layer_times(size: int, c_in: int, c_out: int) -> list[float]:
-    """Milliseconds of the forward pass, the input gradient, XLA's and the host's kernel
-    gradient of one (size², c_in -> c_out) 3x3 convolution."""
+    """Milliseconds of the forward pass, the input gradient and the kernel gradient of one
+    (size², c_in -> c_out) 3x3 convolution, each by XLA and then as jaxcl computes it."""
     keys = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(keys[0], (_BATCH.value, size, size, c_in))
     kernel = jax.random.normal(keys[1], (3, 3, c_in, c_out))
     cotangent = jax.random.normal(keys[2], (_BATCH.value, size, size, c_out))
+    kernel_gradient = functools.partial(convolution.kernel_gradient, kernel_shape=kernel.shape)
+    calls = (
+        (convolution.conv_same, (x, kernel)),
+        (_input_gradient, (x, kernel, cotangent)),
+        (kernel_gradient, (x, cotangent)),
+    )
+    times = []
+    for function, args in calls:
+        with convolution.xla_convolutions():
+            times.append(_median_ms(_compiled(function, *args), *args))
+        times.append(_median_ms(_compiled(function, *args), *args))
+    return times
 
-    def kernel_gradient():  # a new function each time: jit's trace cache does not mix them
-        return jax.jit(functools.partial(convolution.kernel_gradient, kernel_shape=kernel.shape))
 
-    with convolution.xla_kernel_gradients():
-        xla_kernel_gradient = kernel_gradient().lower(x, cotangent).compile()
-    host_kernel_gradient = kernel_gradient().lower(x, cotangent).compile()
-    return [
-        _median_ms(jax.jit(convolution.conv_same), x, kernel),
-        _median_ms(jax.jit(_input_gradient), x, kernel, cotangent),
-        _median_ms(xla_kernel_gradient, x, cotangent),
-        _median_ms(host_kernel_gradient, x, cotangent),
-    ]
+def _compiled(function: Callable, *args) -> Callable:
+    """`function` compiled for `args` under the current settings (a new function each time:
+    jit's trace cache would reuse the first trace under either setting)."""
+    return jax.jit(lambda *a: function(*a)).lower(*args).compile()
 
 
 def main(argv: list[str]) -> None:
     del argv
     print(
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; host kernel gradients: "
-        f"{convolution.host_kernel_gradients_enabled()}"
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; CPU paths: "
+        f"{convolution.cpu_paths_enabled()}"
     )
-    columns = ("forward", "input grad", "kernel grad XLA", "kernel grad host")
+    columns = tuple(
+        f"{part} {how}"
+        for part in ("forward", "input grad", "kernel grad")
+        for how in ("XLA", "jaxcl")
+    )
     print(f"{'layer':>16s} " + "".join(f"{c:>24s}" for c in columns))
     totals = [0.0] * len(columns)
     for size, c_in, c_out in LAYERS:

@@ -15,7 +15,7 @@ volumes), maps the step with
   (BatchNorm, ReLU, layout changes) as well, and is what a memory-bound accelerator pays. On
   CPU the convolutions' kernel gradients run in TensorFlow (`jaxcl.models.convolution`), whose
   bytes XLA does not see; the FLOPs are counted with XLA's kernel gradients
-  (`convolution.xla_kernel_gradients`), so they are the same on every platform;
+  (`convolution.xla_convolutions`), so they are the same on every platform;
 - for pre-training, the share of the step spent in augmentation and the loss: the views alone
   and the loss's value and gradient with respect to the network outputs alone, each jitted and
   timed the same way, divided by the step time.
@@ -194,7 +194,7 @@ def run(name: str, config, parallel: DataParallel, pool, peak: float) -> None:
     lowered = case.step.lower(case.state, case.batch, rng)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
-    with convolution.xla_kernel_gradients():  # FLOPs as XLA would compute every gradient
+    with convolution.xla_convolutions():  # FLOPs as XLA would compute every gradient
         counted = build_case(name, config, parallel, pool)
         flops = counted.step.lower(counted.state, counted.batch, rng).cost_analysis()["flops"]
     del counted
@@ -240,7 +240,7 @@ def main(argv: list[str]) -> None:
         f" XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
         f" GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
         f" LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}"
-        f" host kernel gradients: {convolution.host_kernel_gradients_enabled()}"
+        f" host kernel gradients: {convolution.cpu_paths_enabled()}"
     )
     load = _load()
     peak = matmul_peak_gflops(_PEAK_SIZE.value)

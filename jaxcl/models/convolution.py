@@ -17,10 +17,16 @@ kernel gradient there:
 - the input gradient (XLA's) waits for the kernel gradient, so that the two do not compete for
   the cores: that made both slower.
 
-The forward pass and the input gradient stay XLA's. GPU and TPU (`jax.lax.platform_dependent`),
-dtypes other than float32 / float64, `JAXCL_CPU_TUNING=0` and code inside
-`xla_kernel_gradients()` use XLA's kernel gradient. The results agree with XLA's up to float
-rounding (equal to 1e-10 in float64, tests/models/test_convolution.py) and are deterministic.
+A layer with one input channel (the UNet's first) is computed on CPU as the sum over the taps of
+the shifted image times the tap's weights, one elementwise pass: Eigen (XLA:CPU's convolution)
+runs it far below its usual speed (forward at 192², 20 images: 14 → 2 ms,
+`benchmarks/conv_gradients.py`). Its input gradient, which training does not need, stays XLA's.
+
+The other forward passes and the input gradients stay XLA's. GPU and TPU
+(`jax.lax.platform_dependent`), dtypes other than float32 / float64, `JAXCL_CPU_TUNING=0` and
+code inside `xla_convolutions()` use XLA's convolution and gradients throughout. The results
+agree with XLA's up to float rounding (equal to 1e-10 in float64,
+tests/models/test_convolution.py) and are deterministic.
 
 `Conv` is the flax module: the parameters (`kernel`, optional `bias`), their shapes, initial
 values and dtype promotion are those of `flax.linen.Conv` with padding "SAME".
@@ -61,6 +67,31 @@ def _xla_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     )
 
 
+def _shifted_taps_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """`_xla_conv` for one input channel: Σ over taps of the shifted x times the tap's weights."""
+    kernel_height, kernel_width, _, _ = kernel.shape
+    _, height, width, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), _same_padding(kernel_height), _same_padding(kernel_width), (0, 0)))
+    taps = (
+        padded[:, row : row + height, column : column + width, :] * kernel[row, column, 0]
+        for row in range(kernel_height)
+        for column in range(kernel_width)
+    )
+    return functools.reduce(jnp.add, taps)
+
+
+def _same_padding(size: int) -> tuple[int, int]:
+    return (size - 1) // 2, size - 1 - (size - 1) // 2
+
+
+def _forward(x, kernel):
+    """`_xla_conv`, or on CPU (float32 / float64, CPU paths on) its taps' sum for one input
+    channel."""
+    if kernel.shape[2] != 1 or x.dtype not in _HOST_DTYPES or not cpu_paths_enabled():
+        return _xla_conv(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, cpu=_shifted_taps_conv, default=_xla_conv)
+
+
 @jax.custom_vjp
 def conv_same(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """A stride-1 SAME convolution, `jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME")`.
@@ -72,13 +103,14 @@ def conv_same(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
       kernel: (kh, kw, C_in, C_out), same dtype as x.
 
     Returns:
-      (B, H, W, C_out); the kernel gradient on CPU comes from `kernel_gradient`.
+      (B, H, W, C_out); on CPU, the kernel gradient comes from `kernel_gradient`, and a layer
+      with one input channel is a sum over its taps (module docstring).
     """
-    return _xla_conv(x, kernel)
+    return _forward(x, kernel)
 
 
 def _conv_same_fwd(x, kernel):
-    return _xla_conv(x, kernel), (x, kernel)
+    return _forward(x, kernel), (x, kernel)
 
 
 def _conv_same_bwd(residuals, cotangent):
@@ -126,7 +158,7 @@ def _kernel_gradient_first(x, cotangent, kernel_shape):
     def on_other_platforms(x, cotangent):
         return xla_kernel_gradient(x, cotangent, kernel_shape), cotangent
 
-    if x.dtype not in _HOST_DTYPES or not host_kernel_gradients_enabled():
+    if x.dtype not in _HOST_DTYPES or not cpu_paths_enabled():
         return on_other_platforms(x, cotangent)
     # The callback reads XLA's buffers in place and writes the result into XLA's output buffer:
     # no copies of the (B, H, W, C) operands.
@@ -142,29 +174,26 @@ def _kernel_gradient_first(x, cotangent, kernel_shape):
     return jax.lax.platform_dependent(x, cotangent, cpu=on_cpu, default=on_other_platforms)
 
 
-def host_kernel_gradients_enabled() -> bool:
-    """Whether `conv_same` traces the host kernel gradient for CPU: yes, unless inside
-    `xla_kernel_gradients()`, with JAXCL_CPU_TUNING=0 (`jaxcl.runtime.tuning_enabled`) or with a
-    jax without `jax.experimental.buffer_callback`."""
-    return (
-        buffer_callback is not None
-        and _HOST_KERNEL_GRADIENTS.get()
-        and runtime.tuning_enabled(os.environ)
-    )
+def cpu_paths_enabled() -> bool:
+    """Whether `conv_same` traces its CPU paths (TensorFlow's kernel gradient, the taps' sum for
+    one input channel): yes, unless inside `xla_convolutions()`, with
+    JAXCL_CPU_TUNING=0 (`jaxcl.runtime.tuning_enabled`) or with a jax without
+    `jax.experimental.buffer_callback`."""
+    return buffer_callback is not None and _CPU_PATHS.get() and runtime.tuning_enabled(os.environ)
 
 
 @contextlib.contextmanager
-def xla_kernel_gradients() -> Iterator[None]:
-    """Within it, `conv_same` traces XLA's kernel gradient on every platform: what XLA's cost
-    analysis can count (`benchmarks/train_step.py` takes the step's FLOPs from it)."""
-    token = _HOST_KERNEL_GRADIENTS.set(False)
+def xla_convolutions() -> Iterator[None]:
+    """Within it, `conv_same` traces XLA's convolution and gradients on every platform: what
+    XLA's cost analysis can count (`benchmarks/train_step.py` takes the step's FLOPs from it)."""
+    token = _CPU_PATHS.set(False)
     try:
         yield
     finally:
-        _HOST_KERNEL_GRADIENTS.reset(token)
+        _CPU_PATHS.reset(token)
 
 
-_HOST_KERNEL_GRADIENTS = contextvars.ContextVar("host_kernel_gradients", default=True)
+_CPU_PATHS = contextvars.ContextVar("cpu_paths", default=True)
 
 
 def _write_host_kernel_gradient(context, out, x, cotangent, *, kernel_shape):

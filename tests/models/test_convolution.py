@@ -1,5 +1,6 @@
 """jaxcl.models.convolution: the same convolution, parameters and gradients as XLA's and flax's,
-with the kernel gradient from TensorFlow's CPU kernel.
+with the kernel gradient from TensorFlow's CPU kernel and the taps' sum for one input channel
+on CPU.
 
 References are `jax.lax.conv_general_dilated` differentiated by XLA and `flax.linen.Conv`.
 """
@@ -39,10 +40,15 @@ def _value_and_gradients(conv, x, kernel, weights):
     return jax.value_and_grad(loss, argnums=(0, 1))(x, kernel)
 
 
+# (C_in, C_out): one input channel (the shifted taps' sum on CPU) and more.
+CHANNELS = [(1, 6), (5, 4)]
+
+
 @pytest.mark.parametrize("kernel_size", KERNEL_SIZES)
-def test_float64_values_and_gradients_equal_xla(kernel_size):
+@pytest.mark.parametrize("channels", CHANNELS)
+def test_float64_values_and_gradients_equal_xla(kernel_size, channels):
     with jax.enable_x64(True):
-        x, kernel, weights = _case(0, kernel_size, jnp.float64)
+        x, kernel, weights = _case(0, kernel_size, jnp.float64, channels=channels)
         got = jax.jit(lambda *a: _value_and_gradients(conv_same, *a))(x, kernel, weights)
         want = jax.jit(lambda *a: _value_and_gradients(_xla_conv, *a))(x, kernel, weights)
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
@@ -133,6 +139,25 @@ def test_module_computes_in_its_dtype_with_float32_parameters():
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(grads))
 
 
+def test_the_taps_sum_is_traced_for_one_input_channel_on_cpu_only():
+    def convolution_outputs(channels, dtype=jnp.float32):
+        """The output channels of each convolution in the CPU program."""
+        x, kernel, _ = _case(6, (3, 3), dtype, channels=channels)
+        function = lambda x, kernel: conv_same(x, kernel)  # noqa: E731 - a new trace each time
+        text = jax.jit(function).lower(x, kernel).as_text()
+        return [
+            int(line.rsplit("x", 2)[-2])  # "... -> tensor<3x7x6xCxf32>"
+            for line in text.splitlines()
+            if "stablehlo.convolution" in line
+        ]
+
+    assert convolution_outputs((1, 6)) == []  # the shifted taps' sum
+    assert convolution_outputs((5, 4)) == [4]
+    assert convolution_outputs((1, 6), jnp.bfloat16) == [6]
+    with convolution.xla_convolutions():
+        assert convolution_outputs((1, 6)) == [6]
+
+
 def test_xla_kernel_gradients_are_taken_inside_the_context_and_without_cpu_tuning(monkeypatch):
     x, _, cotangent = _case(5, (3, 3), jnp.float32)
 
@@ -141,7 +166,7 @@ def test_xla_kernel_gradients_are_taken_inside_the_context_and_without_cpu_tunin
         return jax.jit(function).lower(x, cotangent).as_text()
 
     assert "callback" in lowered_text()
-    with convolution.xla_kernel_gradients():
+    with convolution.xla_convolutions():
         assert "callback" not in lowered_text()
     assert "callback" in lowered_text()
     monkeypatch.setenv("JAXCL_CPU_TUNING", "0")
