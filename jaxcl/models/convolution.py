@@ -15,7 +15,9 @@ kernel gradient there:
 - TensorFlow runs on a thread of its own (on XLA's worker threads its convolutions crashed,
   their stacks being too small), one call at a time;
 - the input gradient (XLA's) waits for the kernel gradient, so that the two do not compete for
-  the cores: that made both slower.
+  the cores: that made both slower;
+- kernel gradients under 0.5 GFLOP (the 6² layers of the UNet at batch 20) stay XLA's, which is
+  as fast there without the call's overhead.
 
 A layer with one input channel (the UNet's first) is computed on CPU as the sum over the taps of
 the shifted image times the tap's weights, one elementwise pass: Eigen (XLA:CPU's convolution)
@@ -59,6 +61,10 @@ Dtype = Any
 
 # Dtypes whose kernel gradient TensorFlow computes on CPU (oneDNN for float32).
 _HOST_DTYPES = (jnp.float32, jnp.float64)
+# Smaller kernel gradients (in FLOPs) stay XLA's: a TensorFlow call costs about 1 ms beyond its
+# arithmetic, and XLA's is as fast up to about this size (`benchmarks/conv_gradients.py`: 3x3,
+# 128 -> 128 channels, 20 images at 6² 1.8 ms in XLA against 2.3 ms, at 12² 4.0 against 3.6).
+_HOST_MIN_FLOPS = 0.5e9
 
 
 def _xla_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
@@ -158,7 +164,11 @@ def _kernel_gradient_first(x, cotangent, kernel_shape):
     def on_other_platforms(x, cotangent):
         return xla_kernel_gradient(x, cotangent, kernel_shape), cotangent
 
-    if x.dtype not in _HOST_DTYPES or not cpu_paths_enabled():
+    if (
+        x.dtype not in _HOST_DTYPES
+        or not cpu_paths_enabled()
+        or 2 * np.prod(cotangent.shape) * np.prod(kernel_shape[:-1]) < _HOST_MIN_FLOPS
+    ):
         return on_other_platforms(x, cotangent)
     # The callback reads XLA's buffers in place and writes the result into XLA's output buffer:
     # no copies of the (B, H, W, C) operands.

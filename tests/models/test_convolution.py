@@ -40,6 +40,13 @@ def _value_and_gradients(conv, x, kernel, weights):
     return jax.value_and_grad(loss, argnums=(0, 1))(x, kernel)
 
 
+@pytest.fixture(autouse=True)
+def _host_kernel_gradients_at_any_size(monkeypatch):
+    """These tests' small convolutions take the host kernel gradient too (in training only
+    those of at least `_HOST_MIN_FLOPS` do; `test_small_kernel_gradients_stay_xlas`)."""
+    monkeypatch.setattr(convolution, "_HOST_MIN_FLOPS", 0)
+
+
 # (C_in, C_out): one input channel (the shifted taps' sum on CPU) and more.
 CHANNELS = [(1, 6), (5, 4)]
 
@@ -171,3 +178,15 @@ def test_xla_kernel_gradients_are_taken_inside_the_context_and_without_cpu_tunin
     assert "callback" in lowered_text()
     monkeypatch.setenv("JAXCL_CPU_TUNING", "0")
     assert "callback" not in lowered_text()
+
+
+def test_small_kernel_gradients_stay_xlas(monkeypatch):
+    monkeypatch.undo()  # the real threshold
+
+    def host_call(size):  # 3x3, 128 -> 128 channels, 20 images: 0.21 GFLOP at 6², 0.85 at 12²
+        x = jax.ShapeDtypeStruct((20, size, size, 128), jnp.float32)
+        function = lambda x, c: convolution.kernel_gradient(x, c, (3, 3, 128, 128))  # noqa: E731
+        return "callback" in jax.jit(function).lower(x, x).as_text()
+
+    assert not host_call(6)
+    assert host_call(12)
