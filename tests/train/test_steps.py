@@ -48,7 +48,12 @@ FINETUNE_AUGMENT = AugmentConfig(geometry_weights=(0.0, 0.0, 1.0, 0.0, 1.0), ela
 # ~3e-2 of its norm. A real defect is far outside both bounds: without the gradient pmean
 # device 0 applies its own gradient, a missing 1/n or n is a factor 8, per-device BatchNorm,
 # per-device negatives or device-dependent augmentation change the losses by ~1e-2 or more.
+# The first step's loss is a continuous function of the same parameters on both sides, so it
+# agrees to rounding (LOSS_RTOL). Later losses carry a flip's rerouted update: after changes
+# that only reorder float sums (the up-convolution's phases interleaved in one pass, the first
+# layer summed over its taps), L^D's second loss differed by 8e-4 relative (LATER_LOSS_RTOL).
 LOSS_RTOL = 1e-4
+LATER_LOSS_RTOL = 5e-3
 UPDATE_RTOL = 1e-1
 
 
@@ -253,7 +258,8 @@ def test_data_parallel_step_matches_one_device_on_the_global_batch(stage, mode):
     losses, final_state = _run(parallel, step, state, _batches(stage, NUM_DEVICES))
 
     assert np.all(np.isfinite(losses))
-    np.testing.assert_allclose(losses, expected_losses, rtol=LOSS_RTOL)
+    np.testing.assert_allclose(losses[0], expected_losses[0], rtol=LOSS_RTOL)
+    np.testing.assert_allclose(losses[1:], expected_losses[1:], rtol=LATER_LOSS_RTOL)
     _assert_same_updates(initial, final_state, expected_state)
     assert int(final_state.step) == NUM_STEPS
 
