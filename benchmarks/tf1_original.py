@@ -21,15 +21,30 @@ Stages (ACDC config: 192x192x1, 4 classes, Adam lr 1e-3, temperature 0.1, filter
   ft  fine-tuning: seg_unet(dsc_loss=2, en_1hot=1, mtask_en=0), batch mtask_bs=20, one-hot float
       labels; fetches train_summary, seg_cost, optimizer_unet_all (Adam on enc_/dec_/seg_ vars).
 
-TF2 compatibility shim (the only deviation): the original modules' global `tf` is pointed at
+--iteration also times each stage's per-iteration input work as the original training script
+does it before its training sess.run (random volumes stand in for the data): G^D
+sample_minibatch_for_global_loss_opti + crop_batch (skimage resize) twice + 4 runs of
+brit_cont_net + stitch_batch_global_loss_gd; L^R shuffle_minibatch + 2 runs of brit_cont_net +
+stitch_two_crop_batches; fine-tuning shuffle_minibatch_mtask + augmentation_function (scipy /
+skimage rotations, scaling, flips) + create_rand_augs (calc_deform's bicubic deformation fields,
+deform_net's dense_image_warp of the images and one-hot labels, contrast_net), with the scripts'
+defaults (bbox_dim 100; sigma 5, rd_en = ri_en = rd_ni = 1). The original's utils.py needs scipy
+and scikit-image in the venv. The median of --steps such inputs is reported as input_median_s,
+and step + input as iteration_s: one training iteration of the original script. jaxcl's steps
+include their augmentation (`train_step.py` prints its share).
+
+TF2 compatibility shims (the only deviations): the original modules' global `tf` is pointed at
 tf.compat.v1 (with v2 behaviour disabled: graph mode, ref variables, v1 control flow), except that
 tf.layers.dense / tf.layers.flatten -- removed from TF>=2.16 with Keras 3 -- are re-expressed with
 tf.compat.v1 variable_scope/get_variable/matmul/reshape, same variable names, glorot-uniform
-kernel init and same arithmetic. tf.contrib is only used by the (not built) deform_net.
+kernel init and same arithmetic; and tf.contrib.image.dense_image_warp (deform_net, --iteration
+only), removed with tf.contrib, is re-expressed with tf.compat.v1 ops (bilinear sampling at
+pixel - flow, clamped at the border, as TensorFlow Addons' version).
 
 Usage:
   VENV/bin/python benchmarks/tf1_original.py --src=DIR --stages=gd,ft --steps=8 --warmup=2
-  (VENV: python3 -m venv VENV && VENV/bin/pip install "tensorflow-cpu==2.21.*" numpy;
+  (VENV: python3 -m venv VENV && VENV/bin/pip install "tensorflow-cpu==2.21.*" numpy
+   [scipy scikit-image for --iteration];
    DIR: a checkout of krishnabits001/domain_specific_cl, or --mirror=BARE_GIT_DIR to extract one)
 The original source is taken from --src; if that folder is missing it is extracted there from
 the bare git dir given by --mirror (`git archive HEAD`).
@@ -78,6 +93,11 @@ def parse_args():
     )
     p.add_argument(
         "--inter", type=int, default=0, help="inter_op_parallelism_threads (0 = TF default)"
+    )
+    p.add_argument(
+        "--iteration",
+        action="store_true",
+        help="also time the original scripts' per-iteration input work (needs scikit-image)",
     )
     a = p.parse_args()
     a.stages = [s.strip() for s in a.stages.split(",") if s.strip()]
@@ -134,8 +154,35 @@ class _Layers:
             return activation(out) if activation is not None else out
 
 
+def _dense_image_warp(image, flow, name=None):
+    """tf.contrib.image.dense_image_warp: out[b, y, x] = image[b, y - flow[b, y, x, 0],
+    x - flow[b, y, x, 1]], bilinear, the query clamped to the image."""
+    with tf.name_scope(name or "dense_image_warp"):
+        _, height, width, _ = image.shape.as_list()
+        rows, columns = tf.meshgrid(tf.range(height), tf.range(width), indexing="ij")
+        grid = tf.cast(tf.stack([rows, columns], axis=-1), flow.dtype)[None]
+        query = grid - flow
+        limits = tf.constant([height - 1, width - 1], flow.dtype)
+        floor = tf.clip_by_value(tf.floor(query), 0.0, limits - 1)
+        alpha = tf.clip_by_value(query - floor, 0.0, 1.0)
+        floor = tf.cast(floor, tf.int32)
+
+        def at(dy, dx):
+            index = floor + tf.constant([dy, dx], tf.int32)
+            return tf.gather_nd(image, index, batch_dims=1)
+
+        top = at(0, 0) + alpha[..., 1:] * (at(0, 1) - at(0, 0))
+        bottom = at(1, 0) + alpha[..., 1:] * (at(1, 1) - at(1, 0))
+        return top + alpha[..., :1] * (bottom - top)
+
+
+class _Contrib:
+    image = types.SimpleNamespace(dense_image_warp=_dense_image_warp)
+
+
 class _TF1(types.ModuleType):
     layers = _Layers
+    contrib = _Contrib
 
     def __getattr__(self, name):
         return getattr(tf, name)
@@ -266,6 +313,75 @@ def build_ft(rng):
 BUILDERS = {"gd": build_gd, "lr": build_lr, "ft": build_ft}
 
 
+# ---------------------------------------------------------------------------------------------
+# --iteration: each script's input work per iteration, with the original utils.py functions.
+def _original_utils():
+    import dataloaders  # noqa: PLC0415 - original; needs nibabel and scikit-image
+    import utils  # noqa: PLC0415 - original; needs scipy and scikit-image
+
+    return utils, dataloaders
+
+
+def gd_inputs(rng):
+    # pretr_encoder_global_contrastive_loss.py, global_loss_exp_no=2, bt_size=12 (n_vols = 5)
+    utils, _ = _original_utils()
+    cfg = fresh_cfg(batch_size_ft=12)
+    colour = models.modelObj(cfg).brit_cont_net(batch_size=cfg.batch_size_ft)
+    volumes = [rng.random((20,) + IMG, dtype=np.float32) for _ in range(8)]
+    b = cfg.batch_size_ft
+
+    def run(sess):
+        sets = []
+        for _ in range(2):
+            images = utils.sample_minibatch_for_global_loss_opti(volumes, cfg, 2 * b, 5, 4)
+            crops = utils.crop_batch([images], cfg, 2 * b, 100)
+            views = [
+                sess.run(colour["rd_fin"], feed_dict={colour["x_tmp"]: crops[i * b : (i + 1) * b]})
+                for i in range(2)
+            ]
+            sets += [images, np.concatenate(views)]
+        return utils.stitch_batch_global_loss_gd(cfg, *sets, 4)
+
+    return run
+
+
+def lr_inputs(rng):
+    # pretr_decoder_local_contrastive_loss.py, local_loss_exp_no=0
+    utils, _ = _original_utils()
+    cfg = fresh_cfg()
+    colour = models.modelObj(cfg).brit_cont_net(batch_size=cfg.batch_size_ft)
+    images = rng.random(IMG[:2] + (200,), dtype=np.float32)  # slices stacked on axis 2
+
+    def run(sess):
+        batch = utils.shuffle_minibatch([images], batch_size=cfg.batch_size_ft, labels_present=0)
+        views = [sess.run(colour["rd_fin"], feed_dict={colour["x_tmp"]: batch}) for _ in range(2)]
+        return utils.stitch_two_crop_batches(views, cfg, cfg.batch_size_ft)
+
+    return run
+
+
+def ft_inputs(rng):
+    # ft_pretr_encoder_decoder_net_local_loss.py defaults: data_aug=1, sigma=5, rd_en=ri_en=rd_ni=1
+    utils, dataloaders = _original_utils()
+    cfg = fresh_cfg()
+    model = models.modelObj(cfg)
+    deform, colour = model.deform_net(batch_size=cfg.mtask_bs), model.contrast_net(cfg.mtask_bs)
+    images = rng.random(IMG[:2] + (200,), dtype=np.float32)  # slices stacked on axis 2
+    labels = rng.integers(0, cfg.num_classes, IMG[:2] + (200,))
+    loader = dataloaders.dataloaderObj(cfg)
+    options = types.SimpleNamespace(sigma=5, rd_en=1, ri_en=1, rd_ni=1)
+
+    def run(sess):
+        batch = utils.shuffle_minibatch_mtask([images, labels], batch_size=cfg.mtask_bs)
+        batch = utils.augmentation_function(list(batch), loader)
+        return utils.create_rand_augs(cfg, options, sess, deform, colour, *batch)
+
+    return run
+
+
+INPUTS = {"gd": gd_inputs, "lr": lr_inputs, "ft": ft_inputs}
+
+
 def session_config():
     # as the original scripts (allow_growth, soft placement); thread pools at TF's default
     config = tf.ConfigProto()
@@ -287,6 +403,7 @@ def run_stage(name):
     n_ops = len(graph.get_operations())
     params_opt = count_params(opt_vars)
     params_all = count_params(tf.trainable_variables())
+    inputs = INPUTS[name](rng) if ARGS.iteration else None
     print(f"[{name}] {desc}", flush=True)
     print(
         f"[{name}] graph build {build_s:.2f} s, {n_ops} ops, trainable params optimized "
@@ -315,6 +432,13 @@ def run_stage(name):
             out = sess.run(fetches, feed_dict=feed)
             times.append(time.perf_counter() - t)
         loss_last = float(np.mean(out[1]))
+        input_times = []
+        if inputs is not None:
+            inputs(sess)  # warm-up
+            for _ in range(ARGS.steps):
+                t = time.perf_counter()
+                inputs(sess)
+                input_times.append(time.perf_counter() - t)
     med = statistics.median(times) if times else float("nan")
     res = {
         "bench": "tf1_original",
@@ -342,6 +466,15 @@ def run_stage(name):
         "loadavg1_end": round(os.getloadavg()[0], 2),
         "process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    if input_times:
+        input_med = statistics.median(input_times)
+        res["input_median_s"] = round(input_med, 4)
+        res["iteration_s"] = round(med + input_med, 4)
+        print(
+            f"[{name}] the script's input work per iteration: median {input_med:.3f} s -> "
+            f"iteration {med + input_med:.3f} s, {n_img / (med + input_med):.2f} images/s",
+            flush=True,
+        )
     if times:
         print(
             f"[{name}] {len(times)} timed steps: median {med:.3f} s, min {min(times):.3f} s, "

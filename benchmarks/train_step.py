@@ -16,6 +16,9 @@ volumes), maps the step with
   CPU the convolutions' kernel gradients run in TensorFlow (`jaxcl.models.convolution`), whose
   bytes XLA does not see; the FLOPs are counted with XLA's kernel gradients
   (`convolution.xla_convolutions`), so they are the same on every platform;
+- the host's time to assemble one batch from the slice pool (`jaxcl.data.pipeline`, inline
+  here; training prepares batches in a background thread while the step runs). With the step,
+  it bounds one training iteration, to set beside `tf1_original.py --iteration`;
 - for pre-training, the share of the step spent in augmentation and the loss: the views alone
   and the loss's value and gradient with respect to the network outputs alone, each jitted and
   timed the same way, divided by the step time.
@@ -116,6 +119,7 @@ class Case:
     state: object
     batch: dict
     images: int
+    batches: object  # the pipeline's batches (`iterate`), for the host's time per batch
     views: Callable | None = None  # rng, batch -> views (mapped like the step)
     loss_grad: Callable | None = None  # (outputs, batch) -> (loss, d loss / d outputs)
     outputs: jax.ShapeDtypeStruct | None = None  # per-device network outputs
@@ -140,7 +144,9 @@ def build_case(name: str, config, parallel: DataParallel, pool: pipeline.SlicePo
             pool, batch_size=cfg.batch_size, seed=0, local_device_count=parallel.num_local_devices
         )
         batch = parallel.put_batch(next(iter(batches.iterate(0))))
-        return Case(parallel.map_step(step), parallel.put_state(state), batch, cfg.batch_size)
+        return Case(
+            parallel.map_step(step), parallel.put_state(state), batch, cfg.batch_size, batches
+        )
 
     stage = methods.METHODS[name].stage
     config = config.copy_and_resolve_references()
@@ -173,6 +179,7 @@ def build_case(name: str, config, parallel: DataParallel, pool: pipeline.SlicePo
         state=parallel.put_state(parts.state),
         batch=batch,
         images=recipe.images_per_step(config.data.n_partitions),
+        batches=batches,
         views=parallel.map_step(views, donate_state=False),
         loss_grad=parallel.map_step(loss_grad, donate_state=False),
         outputs=outputs,
@@ -215,6 +222,9 @@ def run(name: str, config, parallel: DataParallel, pool, peak: float) -> None:
         f"{flops / 1e9:6.1f} GFLOP  {gflops:6.1f} GFLOP/s  {100 * gflops / peak:5.1f}% of peak"
         f"  {bytes_accessed / 1e9:5.1f} GB accessed"
     )
+    host_batches = case.batches.iterate(0, prefetch=0)
+    host_s, _ = _median_seconds(lambda: next(host_batches))
+    line += f"  host batch {1e3 * host_s:5.1f} ms"
     if case.views is not None:
         views_s, _ = _median_seconds(lambda: case.views(None, case.batch, rng)[1])
         outputs = jax.tree.map(
