@@ -250,7 +250,7 @@ def main(argv: list[str]) -> None:
         f" XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
         f" GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}"
         f" LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}"
-        f" host kernel gradients: {convolution.cpu_paths_enabled()}"
+        f" CPU paths of jaxcl.models.convolution: {convolution.cpu_paths_enabled()}"
     )
     load = _load()
     peak = matmul_peak_gflops(_PEAK_SIZE.value)
