@@ -6,8 +6,9 @@ the taps' sum for one input channel).
 Each line is one (H, C_in -> C_out) 3x3 convolution of the network (encoder, decoder with its
 concatenated skips, the 16 -> 4 logits), timed as its own jitted function (median of
 `--repeats` calls after 2 warm-up calls), with GFLOP/s counting a multiply-add as 2 FLOPs.
-Inside a training step the host kernel gradient runs slower than here (its operands come cold
-from memory); `benchmarks/train_step.py` measures whole steps.
+Inside a fine-tuning step the 3x3 layers' host kernel gradients take what they take here; the
+up-convolution phases' (1x1 to 2x2 kernels) take about twice as long (XLA may run the other phases'
+input gradients beside them; docs/TRAINING.md). `benchmarks/train_step.py` measures whole steps.
 
   PYTHONPATH=. python benchmarks/conv_gradients.py
 """
