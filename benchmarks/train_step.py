@@ -13,9 +13,9 @@ volumes), maps the step with
 - GB accessed per step: XLA's cost analysis of the compiled (fused) step, the bytes its
   operations read and write. It counts the passes over activations that are not convolution
   (BatchNorm, ReLU, layout changes) as well, and is what a memory-bound accelerator pays. On
-  CPU the convolutions' kernel gradients run in TensorFlow (`jaxcl.models.convolution`), whose
-  bytes XLA does not see; the FLOPs are counted with XLA's kernel gradients
-  (`convolution.xla_convolutions`), so they are the same on every platform;
+  CPU the convolutions' kernel gradients of at least 0.5 GFLOP run in TensorFlow
+  (`jaxcl.models.convolution`), whose bytes XLA does not see; the FLOPs are counted with XLA's
+  kernel gradients (`convolution.xla_convolutions`), so they are the same on every platform;
 - the host's time to assemble one batch from the slice pool (`jaxcl.data.pipeline`, inline
   here; training prepares batches in a background thread while the step runs). With the step,
   it bounds one training iteration, to set beside `tf1_original.py --iteration`;
