@@ -16,13 +16,22 @@ kernel gradient there:
   their stacks being too small), one call at a time;
 - the input gradient (XLA's) waits for the kernel gradient, so that the two do not compete for
   the cores: that made both slower;
-- kernel gradients under 0.5 GFLOP (the 6² layers of the UNet at batch 20) stay XLA's, which is
-  as fast there without the call's overhead.
+- kernel gradients under 0.1 GFLOP stay XLA's (the small images of the tests): a call costs
+  about 1 ms beyond its arithmetic. Above it TensorFlow's is faster in the step even where XLA's
+  is as fast alone (the first layer at batch 20, 0.2 GFLOP), because XLA's first transposes both
+  operands to a batch-minor layout (docs/TRAINING.md).
 
-A layer with one input channel (the UNet's first) is computed on CPU as the sum over the taps of
-the shifted image times the tap's weights, one elementwise pass: Eigen (XLA:CPU's convolution)
-runs it far below its usual speed (forward at 192², 20 images: 14 → 2 ms,
-`benchmarks/conv_gradients.py`). Its input gradient, which training does not need, stays XLA's.
+Two kinds of layer that Eigen (XLA:CPU's convolution) runs far below its usual speed are
+written differently on CPU:
+
+- a layer with one input channel (the UNet's first) is the sum over the taps of the shifted
+  image times the tap's weights, one elementwise pass (forward at 192², 20 images: 14 → 2 ms,
+  `benchmarks/conv_gradients.py`); its input gradient, which training does not need, stays
+  XLA's;
+- a 3x3 layer with at most 4 outputs (the segmentation logits) is a 2x2 convolution of 2x2 pixel
+  blocks (`space_to_depth_conv`): 4x the input channels and outputs on a quarter of the
+  positions, which Eigen runs at its usual speed (192², 20 images, 16 -> 4 channels: forward
+  38 → 19 ms, input gradient 23 → 13 ms, transposes included), forward and input gradient.
 
 The other forward passes and the input gradients stay XLA's. GPU and TPU
 (`jax.lax.platform_dependent`), dtypes other than float32 / float64, `JAXCL_CPU_TUNING=0` and
@@ -62,9 +71,13 @@ Dtype = Any
 # Dtypes whose kernel gradient TensorFlow computes on CPU (oneDNN for float32).
 _HOST_DTYPES = (jnp.float32, jnp.float64)
 # Smaller kernel gradients (in FLOPs) stay XLA's: a TensorFlow call costs about 1 ms beyond its
-# arithmetic, and XLA's is as fast up to about this size (`benchmarks/conv_gradients.py`: 3x3,
-# 128 -> 128 channels, 20 images at 6² 1.8 ms in XLA against 2.3 ms, at 12² 4.0 against 3.6).
-_HOST_MIN_FLOPS = 0.5e9
+# arithmetic. Alone, XLA's is as fast up to about 0.5 GFLOP (`benchmarks/conv_gradients.py`: 3x3,
+# 128 -> 128 channels, 20 images at 6² 1.8 ms in XLA against 2.3 ms, at 12² 4.0 against 3.6), but
+# in a training step its operands' transposes cost more: the first layer's 0.2 GFLOP in
+# TensorFlow made the fine-tuning step 20 ms faster (docs/TRAINING.md).
+_HOST_MIN_FLOPS = 0.1e9
+# 3x3 layers with at most this many outputs run as 2x2 convolutions of 2x2 pixel blocks on CPU.
+_BLOCK_MAX_OUTPUTS = 4
 
 
 def _xla_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
@@ -90,12 +103,85 @@ def _same_padding(size: int) -> tuple[int, int]:
     return (size - 1) // 2, size - 1 - (size - 1) // 2
 
 
+def space_to_depth_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """`_xla_conv` for a 3x3 kernel and even H, W, as a 2x2 convolution of 2x2 pixel blocks.
+
+    The input, padded by one pixel on every side, is cut into 2x2 blocks (the first block starts
+    on the padding row and column) whose 4·C_in values are one position's channels. Output block
+    (i, j) (pixels 2i + a, 2j + b) reads input blocks i..i + 1, j..j + 1 only: a 2x2 VALID
+    convolution to 4·C_out channels, whose kernel (`_block_kernel`) holds tap
+    (2s + p - a, 2t + q - b) of the 3x3 kernel for input block (i + s, j + t), phase (p, q), and
+    zeros where that tap lies outside the 3x3 kernel.
+
+    Args:
+      x: (B, H, W, C_in), H and W even.
+      kernel: (3, 3, C_in, C_out).
+
+    Returns:
+      (B, H, W, C_out), equal to `_xla_conv(x, kernel)` up to float rounding.
+    """
+    batch, height, width, c_in = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    blocks = padded.reshape(batch, height // 2 + 1, 2, width // 2 + 1, 2, c_in)
+    blocks = blocks.transpose(0, 1, 3, 2, 4, 5).reshape(*blocks.shape[:2], blocks.shape[3], -1)
+    y = jax.lax.conv_general_dilated(
+        blocks, _block_kernel(kernel), (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    c_out = kernel.shape[-1]
+    y = y.reshape(batch, height // 2, width // 2, 2, 2, c_out).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(batch, height, width, c_out)
+
+
+def _block_kernel(kernel: jnp.ndarray) -> jnp.ndarray:
+    """(3, 3, C_in, C_out) -> (2, 2, 4·C_in, 4·C_out) kernel of `space_to_depth_conv`.
+
+    Entry [s, t, (p, q, c_in), (a, b, c_out)] is kernel[2s + p - a, 2t + q - b, c_in, c_out], or
+    0 where a tap index falls outside 0..2.
+    """
+    c_in, c_out = kernel.shape[2:]
+    with_zero = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))  # index 3: zeros
+    s, p, a = np.meshgrid(range(2), range(2), range(2), indexing="ij")
+    tap = 2 * s + p - a
+    tap = np.where((tap >= 0) & (tap <= 2), tap, 3)  # (s, p, a)
+    taps = with_zero[tap[:, None, :, None, :, None], tap[None, :, None, :, None, :]]
+    # (s, t, p, q, a, b, C_in, C_out) -> (s, t, p, q, C_in, a, b, C_out)
+    taps = taps.transpose(0, 1, 2, 3, 6, 4, 5, 7)
+    return taps.reshape(2, 2, 4 * c_in, 4 * c_out)
+
+
+def _in_blocks(x: jnp.ndarray, kernel: jnp.ndarray) -> bool:
+    """Whether `conv_same` computes this layer as `space_to_depth_conv` on CPU."""
+    return (
+        kernel.shape[:2] == (3, 3)
+        and kernel.shape[3] <= _BLOCK_MAX_OUTPUTS
+        and x.shape[1] % 2 == 0
+        and x.shape[2] % 2 == 0
+    )
+
+
+def _cpu_form(x, kernel) -> Callable | None:
+    """The function that computes `conv_same`'s forward pass on CPU in place of `_xla_conv`:
+    the taps' sum for one input channel, the 2x2-block form for a few outputs, or None."""
+    if x.dtype not in _HOST_DTYPES or not cpu_paths_enabled():
+        return None
+    if kernel.shape[2] == 1:
+        return _shifted_taps_conv
+    return space_to_depth_conv if _in_blocks(x, kernel) else None
+
+
 def _forward(x, kernel):
-    """`_xla_conv`, or on CPU (float32 / float64, CPU paths on) its taps' sum for one input
-    channel."""
-    if kernel.shape[2] != 1 or x.dtype not in _HOST_DTYPES or not cpu_paths_enabled():
+    """`_xla_conv`, or on CPU its `_cpu_form`."""
+    cpu_form = _cpu_form(x, kernel)
+    if cpu_form is None:
         return _xla_conv(x, kernel)
-    return jax.lax.platform_dependent(x, kernel, cpu=_shifted_taps_conv, default=_xla_conv)
+    return jax.lax.platform_dependent(x, kernel, cpu=cpu_form, default=_xla_conv)
+
+
+def _input_gradient_form(x, kernel) -> Callable:
+    """The function whose vjp gives `conv_same`'s input gradient: `_forward` where it uses the
+    2x2-block form on CPU, else XLA's convolution (also for the taps' sum, whose input gradient
+    training does not need)."""
+    return _forward if _cpu_form(x, kernel) is space_to_depth_conv else _xla_conv
 
 
 @jax.custom_vjp
@@ -109,8 +195,9 @@ def conv_same(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
       kernel: (kh, kw, C_in, C_out), same dtype as x.
 
     Returns:
-      (B, H, W, C_out); on CPU, the kernel gradient comes from `kernel_gradient`, and a layer
-      with one input channel is a sum over its taps (module docstring).
+      (B, H, W, C_out); on CPU, the kernel gradient comes from `kernel_gradient`, a layer
+      with one input channel is a sum over its taps and a 3x3 layer with at most 4 outputs a
+      convolution of 2x2 pixel blocks (module docstring).
     """
     return _forward(x, kernel)
 
@@ -122,7 +209,8 @@ def _conv_same_fwd(x, kernel):
 def _conv_same_bwd(residuals, cotangent):
     x, kernel = residuals
     kernel_grad, cotangent = _kernel_gradient_first(x, cotangent, kernel.shape)
-    _, input_vjp = jax.vjp(lambda inputs: _xla_conv(inputs, kernel), x)
+    convolve = _input_gradient_form(x, kernel)
+    _, input_vjp = jax.vjp(lambda inputs: convolve(inputs, kernel), x)
     (input_grad,) = input_vjp(cotangent)
     return input_grad, kernel_grad
 
@@ -186,9 +274,9 @@ def _kernel_gradient_first(x, cotangent, kernel_shape):
 
 def cpu_paths_enabled() -> bool:
     """Whether `conv_same` traces its CPU paths (TensorFlow's kernel gradient, the taps' sum for
-    one input channel): yes, unless inside `xla_convolutions()`, with
-    JAXCL_CPU_TUNING=0 (`jaxcl.runtime.tuning_enabled`) or with a jax without
-    `jax.experimental.buffer_callback`."""
+    one input channel, the 2x2-block form for few outputs): yes, unless inside
+    `xla_convolutions()`, with JAXCL_CPU_TUNING=0 (`jaxcl.runtime.tuning_enabled`) or with a jax
+    without `jax.experimental.buffer_callback`."""
     return buffer_callback is not None and _CPU_PATHS.get() and runtime.tuning_enabled(os.environ)
 
 

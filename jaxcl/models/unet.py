@@ -100,6 +100,14 @@ def check_input_size(height: int, width: int) -> None:
 def upsample_conv_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     """A 2x2 SAME convolution of the nearest-2x-upsampled x, without the upsampled map.
 
+    `interleave_phases(upsample_conv_phases(x, kernel))`: (B, H, W, C_in) -> (B, 2H, 2W, C_out).
+    """
+    return interleave_phases(upsample_conv_phases(x, kernel))
+
+
+def upsample_conv_phases(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """`upsample_conv_2x`'s output as its 4 phases, each computed on the low-resolution map.
+
     Output pixel (2i + a, 2j + b) sees input rows i, i + a and columns j, j + b only (SAME pads a
     2x2 kernel at the bottom/right), so each of the 4 phases (a, b) is a small convolution of
     the low-resolution map with summed taps: 1x1, 1x2, 2x1 and the 2x2 kernel itself. That is
@@ -112,7 +120,7 @@ def upsample_conv_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
         summed in the wider of its and x's dtypes, then cast to x's dtype.
 
     Returns:
-      (B, 2H, 2W, C_out).
+      (B, H, W, 4, C_out): [b, i, j, 2a + b'] is output pixel (2i + a, 2j + b') of image b.
     """
     (k00, k01), (k10, k11) = kernel = kernel.astype(jnp.promote_types(kernel.dtype, x.dtype))
 
@@ -123,9 +131,13 @@ def upsample_conv_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     phase01 = conv(jnp.stack([k00 + k10, k01 + k11])[None])
     phase10 = conv(jnp.stack([k00 + k01, k10 + k11])[:, None])
     phase11 = conv(kernel)
-    batch, height, width, channels = phase00.shape
-    y = jnp.stack([phase00, phase01, phase10, phase11], axis=3)  # (B, H, W, 4, C_out): 2a + b
-    y = y.reshape(batch, height, width, 2, 2, channels).transpose(0, 1, 3, 2, 4, 5)
+    return jnp.stack([phase00, phase01, phase10, phase11], axis=3)
+
+
+def interleave_phases(phases: jnp.ndarray) -> jnp.ndarray:
+    """(B, H, W, 4, C) phases of `upsample_conv_phases` -> the (B, 2H, 2W, C) map."""
+    batch, height, width, _, channels = phases.shape
+    y = phases.reshape(batch, height, width, 2, 2, channels).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(batch, 2 * height, 2 * width, channels)
 
 
@@ -175,11 +187,12 @@ max_pool_2x2.defvjp(_max_pool_2x2_fwd, _max_pool_2x2_bwd)
 
 
 class UpsampleConv(nn.Module):
-    """Nearest 2x upsampling followed by a 2x2 SAME convolution (no bias, He-normal).
+    """Nearest 2x upsampling followed by a 2x2 SAME convolution (no bias, He-normal), as phases.
 
     Its parameter `kernel` (2, 2, C_in, features) is the one `nn.Conv(features, (2, 2))` would
-    have on the upsampled map (same path, shape and initial value); `upsample_conv_2x` computes
-    the result on the low-resolution map.
+    have on the upsampled map (same path, shape and initial value); `upsample_conv_phases`
+    computes the result on the low-resolution map and returns it as its 4 phases
+    (`interleave_phases` makes the map).
     """
 
     features: int
@@ -187,9 +200,9 @@ class UpsampleConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """x: (B, H, W, C_in) -> (B, 2H, 2W, features)."""
+        """x: (B, H, W, C_in) -> (B, H, W, 4, features) phases of the (B, 2H, 2W) output."""
         kernel = self.param("kernel", he_normal, (2, 2, x.shape[-1], self.features), jnp.float32)
-        return upsample_conv_2x(x.astype(self.dtype), kernel)
+        return upsample_conv_phases(x.astype(self.dtype), kernel)
 
 
 class ConvBNReLU(nn.Module):
@@ -199,7 +212,10 @@ class ConvBNReLU(nn.Module):
       features: output channels.
       kernel_size: (3, 3) for the network's convolutions, (2, 2) after upsampling, (1, 1) in g2.
       upsample: convolve the nearest-2x-upsampled input (`UpsampleConv`, kernel_size (2, 2)):
-        the output is twice the input's height and width.
+        the output is twice the input's height and width. BatchNorm + ReLU run on the 4 phases
+        (per-channel statistics over all of them are those of the map) and only their output is
+        interleaved: the backward pass then hands each phase convolution its cotangent without
+        a transpose of the map (8% fewer bytes per fine-tuning step, docs/TRAINING.md).
     """
 
     features: int
@@ -229,7 +245,7 @@ class ConvBNReLU(nn.Module):
                 name="conv",
             )(x)
         # relu(BatchNorm(x)) with `batch_norm`'s settings, in fewer passes (batch_norm_relu.py).
-        return BatchNormReLU(
+        y = BatchNormReLU(
             use_running_average=not train,
             momentum=BATCH_NORM_MOMENTUM,
             epsilon=BATCH_NORM_EPSILON,
@@ -237,6 +253,7 @@ class ConvBNReLU(nn.Module):
             axis_name=self.axis_name,
             name="bn",
         )(x)
+        return interleave_phases(y) if self.upsample else y
 
 
 class Encoder(nn.Module):

@@ -1,6 +1,6 @@
 """jaxcl.models.convolution: the same convolution, parameters and gradients as XLA's and flax's,
-with the kernel gradient from TensorFlow's CPU kernel and the taps' sum for one input channel
-on CPU.
+with the kernel gradient from TensorFlow's CPU kernel, the taps' sum for one input channel and
+2x2 pixel blocks for few outputs on CPU.
 
 References are `jax.lax.conv_general_dilated` differentiated by XLA and `flax.linen.Conv`.
 """
@@ -183,10 +183,49 @@ def test_xla_kernel_gradients_are_taken_inside_the_context_and_without_cpu_tunin
 def test_small_kernel_gradients_stay_xlas(monkeypatch):
     monkeypatch.undo()  # the real threshold
 
-    def host_call(size):  # 3x3, 128 -> 128 channels, 20 images: 0.21 GFLOP at 6², 0.85 at 12²
+    def host_call(size):  # 3x3, 128 -> 128 channels, 20 images: 0.05 GFLOP at 3², 0.21 at 6²
         x = jax.ShapeDtypeStruct((20, size, size, 128), jnp.float32)
         function = lambda x, c: convolution.kernel_gradient(x, c, (3, 3, 128, 128))  # noqa: E731
         return "callback" in jax.jit(function).lower(x, x).as_text()
 
-    assert not host_call(6)
-    assert host_call(12)
+    assert not host_call(3)
+    assert host_call(6)
+
+
+@pytest.mark.parametrize(("height", "width", "channels"), [(8, 6, (5, 4)), (4, 10, (3, 1))])
+def test_the_2x2_block_form_equals_xlas_convolution_in_float64(height, width, channels):
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, height, width, channels[0])))
+        kernel = jnp.asarray(rng.normal(size=(3, 3, *channels)))
+        weights = jnp.asarray(rng.normal(size=(2, height, width, channels[1])))
+        got = jax.jit(lambda *a: _value_and_gradients(convolution.space_to_depth_conv, *a))(
+            x, kernel, weights
+        )
+        want = jax.jit(lambda *a: _value_and_gradients(_xla_conv, *a))(x, kernel, weights)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_few_outputs_take_the_2x2_block_form_on_cpu_with_xlas_gradients():
+    rng = np.random.default_rng(8)
+
+    def arrays(height, c_out, dtype):
+        x = jnp.asarray(rng.normal(size=(3, height, 6, 5)), dtype)
+        kernel = jnp.asarray(rng.normal(size=(3, 3, 5, c_out)), dtype)
+        return x, kernel
+
+    x, kernel = arrays(8, 4, jnp.float32)
+    assert convolution._cpu_form(x, kernel) is convolution.space_to_depth_conv
+    assert convolution._cpu_form(*arrays(7, 4, jnp.float32)) is None  # odd height
+    assert convolution._cpu_form(*arrays(8, 5, jnp.float32)) is None  # 5 outputs
+    assert convolution._cpu_form(*arrays(8, 4, jnp.bfloat16)) is None
+    with convolution.xla_convolutions():
+        assert convolution._cpu_form(x, kernel) is None
+    with jax.enable_x64(True):
+        x, kernel = arrays(8, 4, jnp.float64)
+        weights = jnp.asarray(rng.normal(size=(3, 8, 6, 4)))
+        got = jax.jit(lambda *a: _value_and_gradients(conv_same, *a))(x, kernel, weights)
+        want = jax.jit(lambda *a: _value_and_gradients(_xla_conv, *a))(x, kernel, weights)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)

@@ -103,3 +103,67 @@ def test_upsample_conv_keeps_the_plain_conv_parameter():
     np.testing.assert_array_equal(
         fast["params"]["conv"]["kernel"], plain["params"]["conv"]["kernel"]
     )
+
+
+def test_upsampling_conv_bn_relu_equals_batch_norm_of_the_upsampled_convolution():
+    """BatchNorm + ReLU on the 4 phases, then interleaved: the values, running statistics and
+    float64 gradients of flax's BatchNorm + ReLU on the interleaved map."""
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            kernel = self.param("kernel", nn.initializers.normal(), (2, 2, x.shape[-1], 5))
+            z = unet.upsample_conv_2x(x, kernel)
+            return nn.relu(
+                nn.BatchNorm(
+                    use_running_average=False, momentum=0.99, epsilon=1e-3, param_dtype=jnp.float64
+                )(z)
+            )
+
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(3, 4, 6, 2)))
+        weights = jnp.asarray(rng.normal(size=(3, 8, 12, 5)))
+        fast = unet.ConvBNReLU(5, (2, 2), dtype=jnp.float64, upsample=True)
+        variables = fast.init(jax.random.key(0), x, train=True)
+        variables = jax.tree.map(lambda v: v + rng.normal(size=v.shape) * 0.1, variables)
+        plain_variables = {
+            "params": {
+                "kernel": variables["params"]["conv"]["kernel"],
+                "BatchNorm_0": variables["params"]["bn"],
+            },
+            "batch_stats": {"BatchNorm_0": variables["batch_stats"]["bn"]},
+        }
+
+        def loss(params, stats, module, x):
+            y, updated = module.apply(
+                {"params": params, "batch_stats": stats},
+                x,
+                mutable=["batch_stats"],
+                **({"train": True} if module is fast else {}),
+            )
+            return jnp.sum(y * weights), updated
+
+        got = jax.grad(loss, argnums=(0, 3), has_aux=True)(
+            variables["params"], variables["batch_stats"], fast, x
+        )
+        want = jax.grad(loss, argnums=(0, 3), has_aux=True)(
+            plain_variables["params"], plain_variables["batch_stats"], Plain(), x
+        )
+        (got_params, got_x), got_stats = got
+        (want_params, want_x), want_stats = want
+        np.testing.assert_allclose(got_x, want_x, rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(
+            got_params["conv"]["kernel"], want_params["kernel"], rtol=1e-10, atol=1e-10
+        )
+        for name in ("scale", "bias"):
+            np.testing.assert_allclose(
+                got_params["bn"][name], want_params["BatchNorm_0"][name], rtol=1e-10, atol=1e-10
+            )
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(
+                got_stats["batch_stats"]["bn"][name],
+                want_stats["batch_stats"]["BatchNorm_0"][name],
+                rtol=1e-10,
+                atol=1e-10,
+            )
