@@ -1,14 +1,14 @@
 r"""Per-layer speed of the UNet's convolutions at 192², batch 20: forward pass, input gradient and
 kernel gradient, each by XLA alone and as `jaxcl.models.convolution` computes it on CPU (the
 kernel gradient by TensorFlow's `Conv2DBackpropFilter`, called in place from the jitted step;
-the taps' sum for one input channel).
+the taps' sum for one input channel; the 16 -> 4 logits as a 2x2 convolution of 2x2 pixel
+blocks, forward and input gradient).
 
 Each line is one (H, C_in -> C_out) 3x3 convolution of the network (encoder, decoder with its
 concatenated skips, the 16 -> 4 logits), timed as its own jitted function (median of
 `--repeats` calls after 2 warm-up calls), with GFLOP/s counting a multiply-add as 2 FLOPs.
-Inside a fine-tuning step the 3x3 layers' host kernel gradients take what they take here; the
-up-convolution phases' (1x1 to 2x2 kernels) take about twice as long (XLA may run the other phases'
-input gradients beside them; docs/TRAINING.md). `benchmarks/train_step.py` measures whole steps.
+Inside a fine-tuning step the 3x3 layers' host kernel gradients take what they take here
+(docs/TRAINING.md); `benchmarks/train_step.py` measures whole steps.
 
   PYTHONPATH=. python benchmarks/conv_gradients.py
 """

@@ -13,7 +13,7 @@ volumes), maps the step with
 - GB accessed per step: XLA's cost analysis of the compiled (fused) step, the bytes its
   operations read and write. It counts the passes over activations that are not convolution
   (BatchNorm, ReLU, layout changes) as well, and is what a memory-bound accelerator pays. On
-  CPU the convolutions' kernel gradients of at least 0.5 GFLOP run in TensorFlow
+  CPU the convolutions' kernel gradients of at least 0.1 GFLOP run in TensorFlow
   (`jaxcl.models.convolution`), whose bytes XLA does not see; the FLOPs are counted with XLA's
   kernel gradients (`convolution.xla_convolutions`), so they are the same on every platform;
 - the host's time to assemble one batch from the slice pool (`jaxcl.data.pipeline`, inline

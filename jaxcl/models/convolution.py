@@ -31,7 +31,8 @@ written differently on CPU:
 - a 3x3 layer with at most 4 outputs (the segmentation logits) is a 2x2 convolution of 2x2 pixel
   blocks (`space_to_depth_conv`): 4x the input channels and outputs on a quarter of the
   positions, which Eigen runs at its usual speed (192², 20 images, 16 -> 4 channels: forward
-  38 → 19 ms, input gradient 23 → 13 ms, transposes included), forward and input gradient.
+  39 → 20 ms, input gradient 23 → 13 ms, transposes included, `benchmarks/conv_gradients.py`),
+  forward and input gradient.
 
 The other forward passes and the input gradients stay XLA's. GPU and TPU
 (`jax.lax.platform_dependent`), dtypes other than float32 / float64, `JAXCL_CPU_TUNING=0` and

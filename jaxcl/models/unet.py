@@ -217,7 +217,7 @@ class ConvBNReLU(nn.Module):
         the output is twice the input's height and width. BatchNorm + ReLU run on the 4 phases
         (per-channel statistics over all of them are those of the map) and only their output is
         interleaved: the backward pass then hands each phase convolution its cotangent without
-        a transpose of the map (8% fewer bytes per fine-tuning step, docs/TRAINING.md).
+        a transpose of the map (about 1 GB fewer per fine-tuning step, docs/TRAINING.md).
     """
 
     features: int
