@@ -235,7 +235,8 @@ class Layer:
       name: parameter path, e.g. "encoder/level1_conv2".
       in_values, out_values: input and output activation elements.
       macs: multiply-adds over the convolution taps inside the image, the up-convolution in
-        jaxcl's low-resolution form (`upsample_conv_2x`): what XLA's cost analysis counts.
+        jaxcl's form (a 1x1 convolution to its 4 taps, `upsample_conv_2x`): what XLA's cost
+        analysis counts for the convolutions.
       nominal_macs: textbook H·W·k·k·Cin·Cout, SAME padding taps included and the up-convolution
         as a 2x2 convolution of the upsampled map.
       params: weights.
@@ -272,11 +273,11 @@ def conv(name: str, side: int, cin: int, cout: int, kernel: int = 3, batch_norm=
 def upconv(name: str, low_side: int, cin: int, cout: int) -> Layer:
     """Nearest 2x upsampling + 2x2 SAME convolution, computed on the low_side² map.
 
-    Its 1x1, 1x2, 2x1 and 2x2 phase convolutions have low², 2·low·(2·low - 1) and (2·low - 1)²
-    taps inside the map: (3·low - 1)² in all.
+    jaxcl computes it as one 1x1 convolution to the 4 taps' contributions (4·low² multiply-adds
+    per (cin, cout)) and their shifted sum (`unet.upsample_conv_phases`), elementwise.
     """
     high = 2 * low_side
-    macs = (3 * low_side - 1) ** 2 * cin * cout
+    macs = 4 * low_side**2 * cin * cout
     return Layer(
         name, low_side**2 * cin, high**2 * cout, macs, 4 * high**2 * cin * cout, 4 * cin * cout
     )

@@ -17,12 +17,14 @@ convolution (`convolution.Conv` / `conv_same`, whose kernel gradient TensorFlow'
 computes on CPU).
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from jaxcl.models.batch_norm_relu import BatchNormReLU
@@ -106,32 +108,109 @@ def upsample_conv_2x(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
 
 
 def upsample_conv_phases(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """`upsample_conv_2x`'s output as its 4 phases, each computed on the low-resolution map.
+    """`upsample_conv_2x`'s output as its 4 phases, computed on the low-resolution map.
 
     Output pixel (2i + a, 2j + b) sees input rows i, i + a and columns j, j + b only (SAME pads a
-    2x2 kernel at the bottom/right), so each of the 4 phases (a, b) is a small convolution of
-    the low-resolution map with summed taps: 1x1, 1x2, 2x1 and the 2x2 kernel itself. That is
-    9/16 of the multiply-adds, no 4x larger input map, and equal outputs up to float rounding
-    (the taps are summed before the multiplication).
+    2x2 kernel at the bottom/right): phase (a, b) is Σ over the taps (s, t) of tap s, t's
+    contribution x[i + a·s, j + b·t] @ kernel[s, t]. So one 1x1 convolution of x to the 4 taps'
+    contributions (4·C_out channels, `conv_same`) and a shifted sum of them (`taps_to_phases`)
+    give every phase: 4 multiply-adds per input pixel and (C_in, C_out) pair, against 9 for the
+    phases as 4 separate convolutions and 16 for the convolution of the upsampled map, and no
+    4x larger input map. The kernel gradient is then one (C_in, 4·C_out) 1x1 kernel gradient
+    (TensorFlow's on CPU) and the input gradient one 1x1 convolution; as 4 phase convolutions,
+    the 4 small kernel gradients took a fine-tuning step 60 ms on CPU (docs/TRAINING.md).
 
     Args:
       x: (B, H, W, C_in), in the computation dtype.
-      kernel: (2, 2, C_in, C_out) taps of the convolution on the upsampled map; the taps are
-        summed in the wider of its and x's dtypes, then cast to x's dtype.
+      kernel: (2, 2, C_in, C_out) taps of the convolution on the upsampled map; cast to x's dtype.
 
     Returns:
       (B, H, W, 4, C_out): [b, i, j, 2a + b'] is output pixel (2i + a, 2j + b') of image b.
     """
-    (k00, k01), (k10, k11) = kernel = kernel.astype(jnp.promote_types(kernel.dtype, x.dtype))
+    batch, height, width, in_channels = x.shape
+    out_channels = kernel.shape[-1]
+    # (2, 2, C_in, C_out) -> (1, 1, C_in, 4·C_out), output channels ordered (s, t, C_out).
+    tap_kernel = kernel.astype(x.dtype).transpose(2, 0, 1, 3).reshape(1, 1, in_channels, -1)
+    taps = conv_same(x, tap_kernel).reshape(batch, height, width, 2, 2, out_channels)
+    return taps_to_phases(taps)
 
-    def conv(phase_kernel):  # SAME pads a 2-tap axis at the end only, a 1-tap axis not at all
-        return conv_same(x, phase_kernel.astype(x.dtype))
 
-    phase00 = conv((k00 + k01 + k10 + k11)[None, None])
-    phase01 = conv(jnp.stack([k00 + k10, k01 + k11])[None])
-    phase10 = conv(jnp.stack([k00 + k01, k10 + k11])[:, None])
-    phase11 = conv(kernel)
-    return jnp.stack([phase00, phase01, phase10, phase11], axis=3)
+# Phase (a, b) = 2a + b of `upsample_conv_phases`: which phases read the next row (a = 1) and the
+# next column (b = 1) of a tap's contributions; shaped to broadcast over (..., 4, C).
+_NEXT_ROW_PHASES = np.array([False, False, True, True])[:, None]
+_NEXT_COLUMN_PHASES = np.array([False, True, False, True])[:, None]
+
+
+def _next(values: jnp.ndarray, axis: int) -> jnp.ndarray:
+    """values[..., i + 1, ...] along `axis`, zero past the end (SAME padding)."""
+    padding = [(0, 0)] * values.ndim
+    padding[axis] = (0, 1)
+    return jnp.pad(jax.lax.slice_in_dim(values, 1, None, axis=axis), padding)
+
+
+def _previous(values: jnp.ndarray, axis: int) -> jnp.ndarray:
+    """values[..., i - 1, ...] along `axis`, zero before the start: `_next`'s transpose."""
+    padding = [(0, 0)] * values.ndim
+    padding[axis] = (1, 0)
+    return jnp.pad(jax.lax.slice_in_dim(values, 0, -1, axis=axis), padding)
+
+
+@jax.custom_vjp
+def taps_to_phases(taps: jnp.ndarray) -> jnp.ndarray:
+    """The 4 phases of `upsample_conv_phases` from the taps' contributions.
+
+    Args:
+      taps: (B, H, W, 2, 2, C): [..., s, t, :] is x @ kernel[s, t] at every low-resolution pixel.
+
+    Returns:
+      (B, H, W, 4, C): phase (a, b) at (i, j) is Σ_{s,t} taps[i + a·s, j + b·t, s, t], zero past
+      the map's last row and column; computed in float32 (float64 for float64), cast to taps'
+      dtype.
+
+    Written as one elementwise expression over the phase axis (a `where` picks each phase's
+    shift) so that XLA makes one pass of it; the gradient is its transpose, written out: autodiff
+    of the shifts (pads of slices) made several passes and a step 40 ms slower on CPU.
+    """
+    wide = taps.astype(jnp.promote_types(taps.dtype, jnp.float32))
+    terms = []
+    for row in (0, 1):
+        for column in (0, 1):
+            tap = wide[..., row, column, None, :]  # (B, H, W, 1, C), broadcast over the phases
+            if row:
+                tap = jnp.where(_NEXT_ROW_PHASES, _next(tap, axis=1), tap)
+            if column:
+                tap = jnp.where(_NEXT_COLUMN_PHASES, _next(tap, axis=2), tap)
+            terms.append(tap)
+    return functools.reduce(jnp.add, terms).astype(taps.dtype)
+
+
+def _phases_to_taps(cotangent: jnp.ndarray) -> jnp.ndarray:
+    """`taps_to_phases`' transpose: (B, H, W, 4, C) -> (B, H, W, 2, 2, C).
+
+    Tap (s, t)'s cotangent at (i, j) is Σ over the phases (a, b) of the phase's cotangent at
+    (i - a·s, j - b·t), zero before the map's first row and column. Phases with the same shift
+    are added before it: shifted one by one, XLA made more passes (0.5 GB more per fine-tuning
+    step).
+    """
+    wide = cotangent.astype(jnp.promote_types(cotangent.dtype, jnp.float32))
+    d00, d01, d10, d11 = (wide[..., phase, :] for phase in range(4))
+    tap00 = d00 + d01 + d10 + d11
+    tap01 = d00 + d10 + _previous(d01 + d11, axis=2)
+    tap10 = d00 + d01 + _previous(d10 + d11, axis=1)
+    tap11 = (
+        d00
+        + _previous(d01, axis=2)
+        + _previous(d10, axis=1)
+        + _previous(_previous(d11, axis=1), axis=2)
+    )
+    batch, height, width, _, channels = cotangent.shape
+    taps = jnp.stack([tap00, tap01, tap10, tap11], axis=3)
+    return taps.reshape(batch, height, width, 2, 2, channels).astype(cotangent.dtype)
+
+
+taps_to_phases.defvjp(
+    lambda taps: (taps_to_phases(taps), None), lambda _, cotangent: (_phases_to_taps(cotangent),)
+)
 
 
 def interleave_phases(phases: jnp.ndarray) -> jnp.ndarray:

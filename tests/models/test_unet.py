@@ -199,6 +199,7 @@ def test_bfloat16_computes_in_bf16_with_float32_params():
         for eqn in _equations(jaxpr.jaxpr)
         if eqn.primitive.name == "conv_general_dilated"
     ]
-    # encoder, decoder, head; each 2x2 up-convolution runs as four phase convolutions (3 extra each)
-    assert len(conv_inputs) == 2 * 6 + 3 * 4 + 2 + 3 + 3 * 5
+    # encoder (12), decoder (3 per block but the last's 2; an up-convolution is one 1x1
+    # convolution to its taps), head (3)
+    assert len(conv_inputs) == 2 * 6 + 3 * 4 + 2 + 3
     assert all(dtypes == (jnp.bfloat16, jnp.bfloat16) for dtypes in conv_inputs)

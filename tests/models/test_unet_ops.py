@@ -93,6 +93,39 @@ def test_upsample_conv_2x_matches_convolution_of_upsampled_map():
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+def _taps_to_phases_numpy(taps):
+    """Phase (a, b) at (i, j) = Σ_{s,t} taps[i + a·s, j + b·t, s, t], zero past the edge."""
+    batch, height, width, _, _, channels = taps.shape
+    padded = np.pad(taps, ((0, 0), (0, 1), (0, 1), (0, 0), (0, 0), (0, 0)))
+    phases = np.zeros((batch, height, width, 4, channels))
+    for a in (0, 1):
+        for b in (0, 1):
+            for s in (0, 1):
+                for t in (0, 1):
+                    rows, columns = slice(a * s, a * s + height), slice(b * t, b * t + width)
+                    phases[:, :, :, 2 * a + b] += padded[:, rows, columns, s, t]
+    return phases
+
+
+def test_taps_to_phases_and_its_gradient_are_the_shifted_sum_and_its_transpose():
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        taps = rng.normal(size=(2, 5, 3, 2, 2, 4))  # non-square
+        cotangent = rng.normal(size=(2, 5, 3, 4, 4))
+        phases, vjp = jax.vjp(unet.taps_to_phases, jnp.asarray(taps))
+        np.testing.assert_allclose(phases, _taps_to_phases_numpy(taps), rtol=1e-12, atol=1e-12)
+        # The written-out gradient is the transpose: the gradient of the numpy definition,
+        # entry by entry (it is linear).
+        (taps_grad,) = vjp(jnp.asarray(cotangent))
+        basis_grads = [
+            np.sum(_taps_to_phases_numpy(unit.reshape(taps.shape)) * cotangent)
+            for unit in np.eye(taps.size)
+        ]
+        np.testing.assert_allclose(taps_grad.reshape(-1), basis_grads, rtol=1e-12, atol=1e-12)
+    bf16 = unet.taps_to_phases(jnp.asarray(taps, jnp.bfloat16))
+    assert bf16.dtype == jnp.bfloat16
+
+
 def test_upsample_conv_keeps_the_plain_conv_parameter():
     """Same path, shape and initial value as nn.Conv(features, (2, 2)) named `conv`."""
     x = jnp.zeros((1, 4, 4, 3))
