@@ -4,7 +4,9 @@ For the paper's ACDC configuration (192² images, the batches of `jaxcl.train.re
 
 1. FLOPs per step of every strategy from XLA's cost analysis of the real step functions
    (`jaxcl.train.steps`, mapped by `DataParallel` over one device), lowered with abstract inputs
-   (nothing runs), checked against the multiply-adds of the layer table `unet_layers`.
+   (nothing runs), checked against the multiply-adds of the layer table `unet_layers`. Every
+   step is traced with XLA's convolutions and gradients (`convolution.xla_convolutions`), as a
+   TPU or GPU runs it.
 2. Expected step time and images/s on one TPU v4 chip and one H100 SXM: a roofline model of the
    step (`stage_time`: every convolution pass at max(FLOPs / peak, bytes / HBM bandwidth), plus
    the memory passes of BatchNorm and Adam) from the published figures in `CHIPS`, divided by an
@@ -41,7 +43,13 @@ from jaxcl import methods
 from jaxcl.data import splits
 from jaxcl.experiments import plan
 from jaxcl.losses import contrastive, local
-from jaxcl.models import ByolNetwork, GlobalContrastiveModel, LocalContrastiveModel, UNet
+from jaxcl.models import (
+    ByolNetwork,
+    GlobalContrastiveModel,
+    LocalContrastiveModel,
+    UNet,
+    convolution,
+)
 from jaxcl.models.unet import DEFAULT_FILTERS
 from jaxcl.train import recipes, steps
 from jaxcl.train.parallel import AXIS_NAME, DataParallel
@@ -681,12 +689,15 @@ def main(argv: list[str]) -> None:
         f"{_EFFICIENCY.value:g} --memory_fraction={_MEMORY_FRACTION.value:g}` with jax "
         f"{jax.__version__} on {datetime.date.today().isoformat()}.\n"
     )
-    flops = flops_section()
-    intensity_section()
-    time_section(flops)
-    negatives_section()
-    memory_section()
-    protocol_section()
+    # XLA's convolutions and gradients throughout, as on a TPU or GPU: on CPU, float32 kernel
+    # gradients would otherwise come from TensorFlow, which XLA's analyses do not see.
+    with convolution.xla_convolutions():
+        flops = flops_section()
+        intensity_section()
+        time_section(flops)
+        negatives_section()
+        memory_section()
+        protocol_section()
 
 
 if __name__ == "__main__":
