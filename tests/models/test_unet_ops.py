@@ -66,17 +66,18 @@ def _upsample_conv_numpy(x, kernel):
 
 
 def test_upsample_conv_2x_matches_convolution_of_upsampled_map():
+    """Values and float64 gradients of the plain formulation: a 2x2 SAME convolution of the
+    nearest-upsampled map."""
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(2, 5, 3, 4)).astype(np.float32)  # non-square: rows and columns differ
-    kernel = rng.normal(size=(2, 2, 4, 6)).astype(np.float32)
+    x = rng.normal(size=(2, 5, 3, 4))  # non-square: rows and columns differ
+    kernel = rng.normal(size=(2, 2, 4, 6))
     np.testing.assert_allclose(
-        unet.upsample_conv_2x(jnp.asarray(x), jnp.asarray(kernel)),
+        unet.upsample_conv_2x(jnp.asarray(x, jnp.float32), jnp.asarray(kernel, jnp.float32)),
         _upsample_conv_numpy(x, kernel),
         rtol=1e-5,
         atol=1e-5,
     )
 
-    # Gradients equal those of the plain formulation (up to float rounding).
     def plain(x, kernel):
         return jax.lax.conv_general_dilated(
             _upsample_nearest_2x(x),
@@ -86,11 +87,14 @@ def test_upsample_conv_2x_matches_convolution_of_upsampled_map():
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
 
-    cotangent = jnp.asarray(rng.normal(size=(2, 10, 6, 6)).astype(np.float32))
-    got = jax.vjp(unet.upsample_conv_2x, jnp.asarray(x), jnp.asarray(kernel))[1](cotangent)
-    want = jax.vjp(plain, jnp.asarray(x), jnp.asarray(kernel))[1](cotangent)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    with jax.enable_x64(True):
+        cotangent = jnp.asarray(rng.normal(size=(2, 10, 6, 6)))
+        x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+        value, vjp = jax.vjp(unet.upsample_conv_2x, x, kernel)
+        plain_value, plain_vjp = jax.vjp(plain, x, kernel)
+        np.testing.assert_allclose(value, plain_value, rtol=1e-12, atol=1e-12)
+        for got, want in zip(vjp(cotangent), plain_vjp(cotangent), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 def _taps_to_phases_numpy(taps):
