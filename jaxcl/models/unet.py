@@ -295,8 +295,8 @@ class ConvBNReLU(nn.Module):
       upsample: convolve the nearest-2x-upsampled input (`UpsampleConv`, kernel_size (2, 2)):
         the output is twice the input's height and width. BatchNorm + ReLU run on the 4 phases
         (per-channel statistics over all of them are those of the map) and only their output is
-        interleaved: the backward pass then hands each phase convolution its cotangent without
-        a transpose of the map (about 1 GB fewer per fine-tuning step, docs/TRAINING.md).
+        interleaved: the backward pass then hands the phases' cotangents to the up-convolution
+        without a transpose of the map (about 1 GB fewer per fine-tuning step, docs/TRAINING.md).
     """
 
     features: int
